@@ -1,0 +1,21 @@
+"""Datasets and metrics: nuScenes loading for SimpleBEV, a tiny nuScenes writer, vehicle IoU.
+
+Submodules import the nuscenes-devkit lazily, so ``import lmdfx.data`` works without it.
+"""
+
+from lmdfx.data.iou import VehicleIoU, vehicle_iou
+
+__all__ = ["VehicleIoU", "vehicle_iou", "NuScenesBEVDataset", "write_tiny_nuscenes"]
+
+
+def __getattr__(name: str):
+    # keep the devkit optional: import the nuScenes modules only when asked for
+    if name == "NuScenesBEVDataset":
+        from lmdfx.data.nuscenes import NuScenesBEVDataset
+
+        return NuScenesBEVDataset
+    if name == "write_tiny_nuscenes":
+        from lmdfx.data.nuscenes_synthetic import write_tiny_nuscenes
+
+        return write_tiny_nuscenes
+    raise AttributeError(name)
