@@ -1,0 +1,10 @@
+"""lmdfx — Layer-wise Modality Decomposition for fusion models, as a torch.fx compiler."""
+
+from .compiler import compile
+from .errors import LMDError, TraceError, UnsupportedOpError
+from .rules import Rules
+from .runtime import Decomposer, Decomposition, OperatingPoint
+
+__all__ = ["compile", "Rules", "Decomposer", "Decomposition", "OperatingPoint", "LMDError", "TraceError",
+           "UnsupportedOpError"]
+__version__ = "0.1.0"

@@ -1,0 +1,68 @@
+"""``lmdfx.compile``: trace -> passes -> codegen -> Decomposer."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Iterable, Mapping, Sequence
+
+from torch import nn
+
+from .errors import LMDError
+from .passes import assign_rules, normalize, optimize, provenance, resolve_record, rewrite, trace
+from .report import Report
+from .rules import Rules
+from .runtime import Decomposer
+
+_RESERVED = ("operating_point", "lmd_frozen", "lmd_check")
+
+
+def compile(
+    model: nn.Module,
+    modalities: Mapping[str, str],
+    rules: Rules | None = None,
+    record: None | str | Sequence[str] = None,
+    backend: Any = None,
+    leaf_modules: Iterable[Any] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> Decomposer:
+    """Compile ``model`` into a decomposer returning one component per modality plus bias.
+
+    ``modalities`` maps modality name -> ``forward`` parameter (order = component order);
+    other parameters are context. ``record``: None, ``"all"`` or module/fx node names.
+    ``backend``: a ``torch.compile`` backend for the generated module. ``leaf_modules``
+    (types or qualified names) and ``concrete_args`` are passed to the tracer.
+    The model is never modified.
+    """
+    if not isinstance(model, nn.Module):
+        raise LMDError(f"lmdfx.compile expects a torch.nn.Module, got {type(model).__name__}.")
+    if any(m.training for m in model.modules()):
+        raise LMDError(f"{type(model).__name__} (or a submodule) is in training mode; call model.eval() first.")
+    rules = rules if rules is not None else Rules()
+    if not isinstance(rules, Rules):
+        raise LMDError(f"rules must be an lmdfx.Rules, got {type(rules).__name__}.")
+    params = list(inspect.signature(model.forward).parameters)
+    if not modalities:
+        raise LMDError(f"modalities is empty; map each modality name to a forward parameter of "
+                       f"{type(model).__name__}: one of {', '.join(params)}.")
+    for name, param in modalities.items():
+        if param not in params:
+            raise LMDError(f"Modality {name!r} names forward parameter {param!r}, but "
+                           f"{type(model).__name__}.forward has parameters: {', '.join(params)}.")
+    if "bias" in modalities:
+        raise LMDError("'bias' is the name of the bias component; give that modality another name.")
+    clash = [p for p in params if p in _RESERVED]
+    if clash:
+        raise LMDError(f"forward parameter(s) {clash} clash with lmdfx's own call arguments; rename them.")
+    gm = trace(model, leaf_modules, concrete_args)
+    placeholders = {n.target for n in gm.graph.nodes if n.op == "placeholder"}
+    fixed = [p for p in modalities.values() if p not in placeholders]
+    if fixed:
+        raise LMDError(f"Modality parameter(s) {fixed} are fixed by concrete_args; a modality input must stay an input.")
+    normalize(gm)
+    provenance(gm, list(modalities.values()))
+    assign_rules(gm, rules)
+    recorded = resolve_record(gm, record)
+    report = Report(gm, list(modalities))
+    decomposed, layout = rewrite(gm, list(modalities), recorded)
+    optimize(decomposed)
+    return Decomposer(model, decomposed, layout, modalities, report, backend=backend)

@@ -1,0 +1,82 @@
+"""Pass 3 — provenance: which modalities each value depends on.
+
+Requires: ``normalize`` (``meta["lmd_op"]``).
+Ensures: every node has ``meta["lmd_provenance"]`` (frozenset of modality indices) and
+``meta["lmd_kind"]``, one of
+
+- ``"context"``: depends on no modality (parameters, calibration, shapes) — runs once;
+- ``"pure"``: depends on exactly one modality (an encoder) — runs once, wholly that modality's;
+- ``"mixed"``: depends on two or more, or on a frozen value — decomposed into M+1 components;
+- ``"frozen"``: a discrete function of a mixed value (comparison mask, argmax, pool indices):
+  not decomposed, but an operating-point constant, so a frozen operating point fixes it.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch import fx
+
+# Ops whose result describes a tensor (shape, dtype) or ignores its values.
+METADATA_OPS = {
+    "metadata", "size", "dim", "numel", "nelement", "stride", "is_contiguous", "element_size",
+    "get_device", "zeros_like", "ones_like", "empty_like", "full_like", "new_zeros", "new_ones",
+    "new_full", "new_empty", "rand_like", "randn_like",
+}
+# Ops with a discrete result: masks, indices, signs.
+DISCRETE_OPS = {
+    "gt", "lt", "ge", "le", "eq", "ne", "argmax", "argmin", "argsort", "sign", "isnan", "isinf",
+    "isfinite", "logical_and", "logical_or", "logical_not", "logical_xor", "floor", "ceil",
+    "round", "trunc", "floor_divide", "remainder", "bool", "long", "int", "heaviside",
+    "bucketize", "searchsorted",
+}
+# Ops returning (values, indices); the indices are discrete.
+_ALWAYS_INDEXED = {"topk", "sort", "kthvalue", "mode"}
+_MAYBE_INDEXED = {"max", "min", "median"}
+
+
+def returns_indices(node: fx.Node) -> bool:
+    """Whether ``node`` returns a (values, indices) pair."""
+    op = node.meta.get("lmd_op")
+    if op in _ALWAYS_INDEXED:
+        return True
+    if op in _MAYBE_INDEXED:
+        second = node.args[1] if len(node.args) > 1 else None
+        return "dim" in node.kwargs or isinstance(second, int)
+    if op and "max_pool" in op:
+        return bool(node.kwargs.get("return_indices", False))
+    return False
+
+
+def provenance(gm: fx.GraphModule, modality_params: Sequence[str]) -> fx.GraphModule:
+    """Annotate ``gm``'s nodes with provenance; ``modality_params`` are placeholder names in order."""
+    index = {name: i for i, name in enumerate(modality_params)}
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            continue
+        if node.op == "placeholder":
+            sources = frozenset({index[node.target]}) if node.target in index else frozenset()
+            node.meta["lmd_provenance"] = sources
+            node.meta["lmd_kind"] = "pure" if sources else "context"
+            continue
+        inputs = node.all_input_nodes
+        sources = frozenset().union(*(n.meta["lmd_provenance"] for n in inputs)) if inputs else frozenset()
+        kinds = {n.meta["lmd_kind"] for n in inputs}
+        op = node.meta.get("lmd_op")
+        if node.op == "get_attr" or op in METADATA_OPS:
+            kind = "context"
+        elif op == "getitem" and kinds & {"mixed"} and returns_indices(node.args[0]) and node.args[1] == 1:
+            kind = "frozen"
+        elif "mixed" in kinds or len(sources) >= 2:
+            kind = "frozen" if op in DISCRETE_OPS else "mixed"
+        elif "frozen" in kinds:
+            # A frozen value combined with one modality is decomposed (the frozen value is a
+            # constant of that computation); combined with context only, it stays frozen.
+            kind = "mixed" if sources and op not in DISCRETE_OPS else "frozen"
+        else:
+            kind = "pure" if sources else "context"
+        if kind == "context":
+            sources = frozenset()
+        node.meta["lmd_provenance"] = sources
+        node.meta["lmd_kind"] = kind
+    return gm

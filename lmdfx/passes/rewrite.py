@@ -1,0 +1,168 @@
+"""Pass 5 — rewrite into the reference trunk plus stacked ``[M+1, ...]`` branches.
+
+Requires: ``assign_rules`` (``meta["lmd_rule"]`` on mixed nodes).
+Ensures: a new GraphModule whose forward takes the original inputs plus ``lmd_frozen`` (an
+operating point, or None) and ``lmd_check`` (compute equality residuals), and returns
+``{"output", "components", "layers", "operating_point", "residuals"}``:
+
+- the trunk is the original graph, unchanged: it gives ``output`` and the reference values;
+- every mixed node gets a branch: its rule module called on the branch views of its inputs
+  (stacks for decomposed values, lifted stacks for pure ones, constants otherwise);
+- every data-dependent constant comes from ``lmd_frozen`` when given, else from the trunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from ..errors import LMDError
+from ..rules.base import BIAS, lift
+
+RULES_ATTR = "lmd_rules"
+
+
+def operating_point_entry(rule: nn.Module, frozen: dict | None, key: str, out: Any, args: tuple, kwargs: dict,
+                          stacked_args: tuple, stacked_kwargs: dict) -> dict:
+    """A rule's constants: the stored ones under a frozen operating point, else from this pass."""
+    if frozen is not None:
+        return frozen[key]
+    return rule.operating_point(out, args, kwargs, stacked_args, stacked_kwargs)
+
+
+def frozen_value(frozen: dict | None, key: str, value: Any) -> Any:
+    """A discrete value (mask, indices) of the operating point."""
+    return value if frozen is None else frozen[key]
+
+
+def residual(check: bool, frozen: dict | None, stack: Any, value: Any) -> torch.Tensor | None:
+    """Largest |sum of components − value| and the scale Σ|components|, at the operating point."""
+    if not check or frozen is not None or not isinstance(stack, torch.Tensor):
+        return None
+    error = (stack.sum(0) - value).abs().max()
+    return torch.stack([error, stack.abs().sum(0).max()]).detach()
+
+
+@dataclass
+class Layout:
+    """What the runtime needs to read the rewritten module's result."""
+
+    output_spec: Any  # pytree spec of the model output
+    modality_names: tuple[str, ...]
+    recorded: tuple[str, ...]
+
+
+def resolve_record(gm: fx.GraphModule, record: None | str | Sequence[str]) -> dict[str, fx.Node]:
+    """Map the ``record`` argument to nodes: module qualified names, then fx node names."""
+    by_module = {name: node for node in gm.graph.nodes for name in node.meta.get("lmd_module_outputs", [])}
+    by_node = {node.name: node for node in gm.graph.nodes if node.op not in ("output",)}
+    if record is None:
+        return {}
+    if record == "all":
+        chosen = {name: node for name, node in by_module.items() if node.meta.get("lmd_kind") in ("mixed", "pure")}
+        covered = set(chosen.values())
+        chosen.update({node.name: node for node in gm.graph.nodes
+                       if node.meta.get("lmd_kind") == "mixed" and node not in covered})
+        return chosen
+    if isinstance(record, str):
+        record = [record]
+    chosen, unknown = {}, []
+    for name in record:
+        node = by_module.get(name) or by_node.get(name)
+        if node is None:
+            unknown.append(name)
+        else:
+            chosen[name] = node
+    if unknown:
+        modules = ", ".join(sorted(by_module)[:30])
+        raise LMDError(f"record names {unknown} are neither module names nor fx node names of the traced model. "
+                       f"Module outputs available include: {modules}. Use record='all' to record every layer.")
+    return chosen
+
+
+def rewrite(gm: fx.GraphModule, modality_names: Sequence[str], record: dict[str, fx.Node]) -> tuple[fx.GraphModule, Layout]:
+    k = len(modality_names) + 1
+    graph = fx.Graph()
+    trunk: dict[fx.Node, fx.Node] = {}
+    views: dict[fx.Node, fx.Node] = {}
+    rules = nn.ModuleDict()
+    constants: dict[str, fx.Node] = {}
+    residuals: dict[str, fx.Node] = {}
+
+    original_placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node in original_placeholders:
+        trunk[node] = graph.node_copy(node, lambda n: trunk[n])
+    frozen = graph.placeholder("lmd_frozen", default_value=None)
+    check = graph.placeholder("lmd_check", default_value=True)
+
+    def view(node: fx.Node) -> fx.Node:
+        """The value a rule sees for ``node``: a stack if decomposed, else the constant."""
+        if node in views:
+            return views[node]
+        kind = node.meta["lmd_kind"]
+        if kind == "pure":
+            (index,) = node.meta["lmd_provenance"]
+            views[node] = graph.call_function(lift, (trunk[node], index, k))
+        elif kind == "frozen":
+            views[node] = graph.call_function(frozen_value, (frozen, node.name, trunk[node]))
+            constants[node.name] = trunk[node]
+        else:
+            views[node] = trunk[node]
+        return views[node]
+
+    def as_components(node: Any) -> Any:
+        """A value as a component stack, for outputs and records (None if not a tensor value)."""
+        if not isinstance(node, fx.Node) or node.meta.get("lmd_kind") == "frozen":
+            return None
+        if node.meta["lmd_kind"] == "context":
+            return graph.call_function(lift, (trunk[node], BIAS, k))
+        return view(node)
+
+    output_node = None
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            continue
+        if node.op == "output":
+            output_node = node
+            break
+        trunk[node] = graph.node_copy(node, lambda n: trunk[n])
+        if node.meta.get("lmd_kind") != "mixed":
+            continue
+        rule = node.meta["lmd_rule"]
+        rules[node.name] = rule
+        stacked_args = fx.node.map_arg(node.args, view)
+        stacked_kwargs = fx.node.map_arg(dict(node.kwargs), view)
+        constant = None
+        if rule.has_operating_point:
+            reference_args = fx.node.map_arg(node.args, lambda n: trunk[n])
+            reference_kwargs = fx.node.map_arg(dict(node.kwargs), lambda n: trunk[n])
+            rule_module = graph.get_attr(f"{RULES_ATTR}.{node.name}")
+            constant = graph.call_function(
+                operating_point_entry,
+                (rule_module, frozen, node.name, trunk[node], reference_args, reference_kwargs, stacked_args, stacked_kwargs),
+            )
+            constants[node.name] = constant
+        stack = graph.call_module(f"{RULES_ATTR}.{node.name}", (constant, stacked_args, stacked_kwargs))
+        stack.meta.update(lmd_branch_of=node.name)
+        views[node] = stack
+        residuals[node.name] = graph.call_function(residual, (check, frozen, stack, trunk[node]))
+
+    if output_node is None:
+        raise LMDError("The traced graph has no output node.")
+    leaves, spec = pytree.tree_flatten(output_node.args[0])
+    layers = {name: as_components(node) for name, node in record.items()}
+    result = {
+        "output": fx.node.map_arg(output_node.args[0], lambda n: trunk[n]),
+        "components": [as_components(leaf) for leaf in leaves],
+        "layers": layers,
+        "operating_point": constants,
+        "residuals": residuals,
+    }
+    graph.output(result)
+    setattr(gm, RULES_ATTR, rules)
+    rewritten = fx.GraphModule(gm, graph, class_name="Decomposed" + type(gm).__name__)
+    return rewritten, Layout(output_spec=spec, modality_names=tuple(modality_names), recorded=tuple(record))

@@ -1,0 +1,101 @@
+"""Pass 1 — trace: ``nn.Module`` -> ``fx.GraphModule``.
+
+Ensures every node carries ``meta["lmd_layer"]`` (innermost module qualified name),
+``meta["lmd_source"]`` (the user's source line) and, on nodes that are a module's output,
+``meta["lmd_module_outputs"]`` (the qualified names whose output the node is).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import Any, Iterable
+
+from torch import fx, nn
+
+from ..errors import TraceError
+
+_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<fn>\S+)\n\s*(?P<code>[^\n]*)')
+
+
+def user_source(stack_trace: str | None) -> str:
+    """The innermost frame of a node's stack trace outside torch and lmdfx, as ``file:line: code``."""
+    frames = [m for m in _FRAME.finditer(stack_trace or "")
+              if "/torch/" not in m["file"] and "/lmdfx/" not in m["file"]]
+    if not frames:
+        return ""
+    m = frames[-1]
+    return f'{m["file"]}:{m["line"]}: {m["code"].strip()}'
+
+
+class LMDTracer(fx.Tracer):
+    """A tracer that keeps module scopes and user source lines, with configurable leaves."""
+
+    def __init__(self, leaf_modules: Iterable[Any] = ()):
+        super().__init__()
+        self.record_stack_traces = True
+        self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
+        self.leaf_names = {m for m in leaf_modules if isinstance(m, str)}
+        self.module_outputs: list[tuple[str, Any]] = []
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        out = super().call_module(m, forward, args, kwargs)
+        self.module_outputs.append((self.path_of_module(m), out))
+        return out
+
+    def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
+        node = super().create_node(*args, **kwargs)
+        stack = node.meta.get("nn_module_stack") or {}
+        node.meta["lmd_layer"] = next(reversed(stack.values()))[0] if stack else ""
+        return node
+
+
+def trace(model: nn.Module, leaf_modules: Iterable[Any] = (), concrete_args: dict | None = None) -> fx.GraphModule:
+    """Symbolically trace ``model``; raise ``TraceError`` saying which construct failed and what to do."""
+    tracer = LMDTracer(leaf_modules)
+    try:
+        graph = tracer.trace(model, concrete_args=concrete_args)
+    except Exception as exc:  # fx raises many types; all mean "cannot trace"
+        raise TraceError(_explain(exc)) from exc
+    calls: Counter[str] = Counter()
+    for path, out in tracer.module_outputs:
+        if isinstance(out, fx.Proxy):
+            # A module called more than once: later calls are "path:1", "path:2", ...
+            name = f"{path}:{calls[path]}" if calls[path] else path
+            calls[path] += 1
+            out.node.meta.setdefault("lmd_module_outputs", []).append(name)
+    for node in graph.nodes:
+        node.meta["lmd_source"] = user_source(node.meta.get("stack_trace"))
+        if node.op == "call_module":
+            node.meta["lmd_layer"] = node.target
+    name = type(model).__name__
+    return fx.GraphModule(tracer.root, graph, class_name=f"{name}Traced")
+
+
+def _explain(exc: Exception) -> str:
+    where = ""
+    tb = exc.__traceback__
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        filename = frame.f_code.co_filename
+        if "/torch/" not in filename and "/lmdfx/" not in filename:
+            where = f" at {filename}:{frame.f_lineno} (in {frame.f_code.co_name})"
+            break
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "control flow" in text or "iteration" in text.lower() or "Proxy" in text or "len(" in text:
+        advice = ("the forward uses a traced value in Python control flow or a Python builtin. "
+                  "Pass the value that decides it via compile(..., concrete_args={...}), mark the "
+                  "submodule as a leaf via compile(..., leaf_modules=[...]), or rewrite the branch "
+                  "with tensor ops (torch.where).")
+    else:
+        advice = ("mark the offending submodule as a leaf via compile(..., leaf_modules=[...]), fix "
+                  "constant arguments via concrete_args, or rewrite the construct with tensor ops.")
+    return f"torch.fx could not trace the model{where}: {type(exc).__name__}: {text} — {advice}"

@@ -1,0 +1,7 @@
+"""Decomposition rules, registered by canonical op (see ``registry``)."""
+
+from . import activations, linear, norms, products, selection, taylor  # noqa: F401  (registration)
+from .base import OpCall, Rule
+from .registry import FAMILIES, OPS, Rules, resolve
+
+__all__ = ["FAMILIES", "OPS", "OpCall", "Rule", "Rules", "resolve"]

@@ -1,0 +1,123 @@
+"""Element-wise activations: one slope per element from the operating point.
+
+``secant``: c = O / A (the paper's rule); ``tangent``: c = f'(A). Either way the remainder
+O − c·A goes to the bias component, so components sum to O exactly at the operating point.
+Optional bias splitting (appendix C) moves the bias component into modalities first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .base import BIAS, OpCall, Rule, add_to_bias, first_decomposed, lift
+from .registry import register
+
+ACTIVATIONS = (
+    "relu", "relu6", "leaky_relu", "rrelu", "prelu", "elu", "selu", "celu", "gelu", "silu",
+    "mish", "sigmoid", "tanh", "softplus", "hardswish", "hardsigmoid", "hardtanh", "clamp",
+    "clamp_min", "clamp_max", "threshold", "logsigmoid", "softsign", "tanhshrink",
+    "hardshrink", "softshrink", "exp", "expm1", "log", "log1p", "sqrt", "rsqrt", "abs",
+    "square", "reciprocal", "erf", "sin", "cos", "pow",
+)
+
+
+def bias_shares(stack: torch.Tensor, mode: str) -> torch.Tensor:
+    """Per-element redistribution coefficients w, shape like ``stack``: the split components
+    are ``stack + w * stack[BIAS]``; w sums to zero over the component axis (exactness)."""
+    modal, bias = stack[:BIAS], stack[BIAS]
+    m = modal.shape[0]
+    bias_sign, modal_sign = torch.sign(bias), torch.sign(modal)
+    nonzero = bias_sign != 0
+    agree = (modal_sign == bias_sign) & nonzero
+    oppose = (modal_sign == -bias_sign) & nonzero
+    if mode == "sum":
+        # Exactly one modality shares the bias's sign, all others oppose it: that one triggered it.
+        single = (agree.sum(0) == 1) & (oppose.sum(0) == m - 1)
+        shares = torch.where(single, agree.to(stack.dtype), torch.zeros_like(modal))
+    else:  # ratio
+        magnitude = modal.abs()
+        total = magnitude.sum(0)
+        safe_total = torch.where(total > 0, total, torch.ones_like(total))
+        proportional = magnitude / safe_total
+        inverse = (safe_total - magnitude) / ((m - 1) * safe_total) if m > 1 else torch.ones_like(modal)
+        shares = torch.where(agree.all(0), proportional, torch.where(oppose.all(0), inverse, torch.zeros_like(modal)))
+    return torch.cat([shares, -shares.sum(0, keepdim=True)])
+
+
+class ElementwiseRule(Rule):
+    """Shared machinery: slope and remainder from the operating point, optional bias split."""
+
+    has_operating_point = True
+
+    def slope(self, reference: torch.Tensor, out: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def operating_point(self, out, args, kwargs, stacked_args, stacked_kwargs):
+        reference = first_decomposed(args, kwargs, self.call.decomposed)
+        slope = self.slope(reference, out, args, kwargs)
+        constants = {"slope": slope, "remainder": out - slope * reference}
+        split = self.options.bias_split
+        if split != "none":
+            constants["shares"] = bias_shares(first_decomposed(stacked_args, stacked_kwargs, self.call.decomposed), split)
+        return constants
+
+    def forward(self, constants: dict, args: tuple, kwargs: dict) -> torch.Tensor:
+        stack = first_decomposed(args, kwargs, self.call.decomposed)
+        if "shares" in constants:
+            stack = stack + constants["shares"] * stack[BIAS]
+        return add_to_bias(stack * constants["slope"], constants["remainder"])
+
+
+@register("activation", "secant", ops=ACTIVATIONS)
+@register("softmax", "secant")
+class SecantRule(ElementwiseRule):
+    """c = O / A where |A| > eps, else 0 (the whole output then goes to the bias component)."""
+
+    name = "secant"
+
+    def slope(self, reference, out, args, kwargs):
+        large = reference.abs() > self.options.eps
+        safe = torch.where(large, reference, torch.ones_like(reference))
+        return torch.where(large, out / safe, torch.zeros_like(out))
+
+
+@register("activation", "tangent")
+class TangentRule(ElementwiseRule):
+    """c = f'(A), the gradient at the operating point (a DeepLIFT/Taylor flavour)."""
+
+    name = "tangent"
+
+    def slope(self, reference, out, args, kwargs):
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        position = self.call.decomposed.index(True)
+
+        def f(x):
+            filled = list(leaves)
+            filled[position] = x
+            a, k = pytree.tree_unflatten(filled, spec)
+            return self.call.invoke(a, k)
+
+        _, derivative = torch.func.jvp(f, (reference,), (torch.ones_like(reference),))
+        return derivative
+
+
+@register("softmax", "freeze", ops=("softmax", "log_softmax"))
+class FreezeRule(Rule):
+    """The output is an operating-point constant (AttnLRP practice for attention weights):
+    it is the bias component's, and whatever it multiplies stays linear."""
+
+    name = "freeze"
+    has_operating_point = True
+
+    def operating_point(self, out, args, kwargs, stacked_args, stacked_kwargs):
+        return {"value": out}
+
+    def forward(self, constants: dict, args: tuple, kwargs: dict) -> torch.Tensor:
+        like = first_decomposed(args, kwargs, self.call.decomposed)
+        return lift(constants["value"], BIAS, like.shape[0])
+
+
+__all__ = ["SecantRule", "TangentRule", "FreezeRule", "bias_shares", "OpCall"]

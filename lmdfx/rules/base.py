@@ -1,0 +1,167 @@
+"""What every rule shares: the call it decomposes, the stacked representation, and helpers.
+
+A decomposed ("mixed") value is one tensor of shape ``[K, *shape]`` with ``K = M + 1``: the M
+modality components in declared order, then the bias component. A rule receives the node's
+arguments with every decomposed tensor replaced by its stack (pure-modality operands arrive
+already lifted into a stack with zeros elsewhere) and returns the stacked output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+BIAS = -1  # index of the bias component along the component axis
+
+
+@dataclass(frozen=True)
+class NodeRef:
+    """Stands for an fx Node in an ``OpCall``'s argument template."""
+
+    name: str
+    decomposed: bool
+
+
+@dataclass
+class OpCall:
+    """A node's operation, frozen at compile time.
+
+    ``decomposed`` flags every leaf of the flattened ``(args, kwargs)`` that arrives as a stack.
+    ``operands`` flags the leaves that are tensor operands of an additive op (where a constant
+    operand belongs to the bias component); it is empty for other ops.
+    """
+
+    kind: str  # "call_function" | "call_method" | "call_module"
+    target: Any
+    op: str  # canonical op name
+    node: str  # fx node name
+    layer: str  # innermost module qualified name ("" at top level)
+    decomposed: tuple[bool, ...]
+    args: tuple = ()  # the node's args, with every fx Node replaced by a NodeRef
+    kwargs: dict = field(default_factory=dict)
+    module: nn.Module | None = None
+    source: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def invoke(self, args: tuple, kwargs: dict) -> Any:
+        """Run the original operation on plain (unstacked) values."""
+        if self.kind == "call_function":
+            return self.target(*args, **kwargs)
+        if self.kind == "call_method":
+            self_arg, *rest = args
+            return getattr(self_arg, self.target)(*rest, **kwargs)
+        return self.module(*args, **kwargs)
+
+    @property
+    def n_decomposed(self) -> int:
+        return sum(self.decomposed)
+
+    def static(self, params: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
+        """The compile-time arguments bound to ``params`` (NodeRefs for graph values)."""
+        return bind(params, self.args, self.kwargs)
+
+
+def lift(value: torch.Tensor, index: int, k: int) -> torch.Tensor:
+    """Stack ``value`` as component ``index`` of ``k`` components, zeros elsewhere."""
+    zeros = torch.zeros_like(value)
+    return torch.stack([value if i == index % k else zeros for i in range(k)])
+
+
+def as_bias_stack(value: Any, like: torch.Tensor) -> torch.Tensor:
+    """A constant operand (tensor or Python number) as a stack whose bias component holds it."""
+    k = like.shape[0]
+    if not isinstance(value, torch.Tensor):
+        value = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    return lift(value, BIAS, k)
+
+
+def expand_like(coefficient: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
+    """View a per-element coefficient of the original value so it broadcasts over components."""
+    return coefficient.unsqueeze(0) if coefficient.dim() == stack.dim() - 1 else coefficient
+
+
+def add_to_bias(stack: torch.Tensor, constant: torch.Tensor | float) -> torch.Tensor:
+    """Return ``stack`` with ``constant`` added to the bias component only (out of place)."""
+    if isinstance(constant, torch.Tensor):
+        constant = constant.expand(stack.shape[1:]) if constant.dim() < stack.dim() else constant
+    bias = stack[BIAS] + constant
+    return torch.cat([stack[:BIAS], bias.unsqueeze(0)])
+
+
+def bind(params: tuple[tuple[str, Any], ...], args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Bind a call's arguments to parameter names; ``params`` is ((name, default), ...)."""
+    bound = {name: default for name, default in params}
+    for (name, _), value in zip(params, args):
+        bound[name] = value
+    bound.update(kwargs)
+    return bound
+
+
+class Rule(nn.Module):
+    """How one node is decomposed.
+
+    ``operating_point`` computes the node's data-dependent constants from the reference pass:
+    ``out`` and ``args``/``kwargs`` are the plain values of the unmodified model, ``stacked_args``
+    the components arriving at the node. ``forward(constants, args, kwargs)`` returns the
+    stacked output; with a frozen operating point ``constants`` are the stored ones.
+    """
+
+    name = "rule"
+    has_operating_point = False
+
+    def __init__(self, call: OpCall, options: Any):
+        super().__init__()
+        self.call = call
+        self.options = options
+
+    @classmethod
+    def supports(cls, call: OpCall) -> bool:
+        """Whether this rule can decompose ``call`` (e.g. which operands are decomposed)."""
+        return True
+
+    def operating_point(
+        self, out: Any, args: tuple, kwargs: dict, stacked_args: tuple, stacked_kwargs: dict
+    ) -> dict[str, torch.Tensor]:
+        return {}
+
+    def forward(self, constants: dict | None, args: tuple, kwargs: dict) -> Any:  # pragma: no cover
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"{self.call.node}: {self.call.op} -> {self.name}"
+
+    # -- helpers shared by rule families ------------------------------------------------------
+    def decomposed_leaves(self, args: tuple, kwargs: dict) -> tuple[list, Any, list[int]]:
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        positions = [i for i, flag in enumerate(self.call.decomposed) if flag]
+        return leaves, spec, positions
+
+    def vmap_call(self, args: tuple, kwargs: dict) -> Any:
+        """Apply the op to every component (the op must be linear in the decomposed leaves)."""
+        leaves, spec, positions = self.decomposed_leaves(args, kwargs)
+
+        def per_component(*values):
+            filled = list(leaves)
+            for position, value in zip(positions, values):
+                filled[position] = value
+            a, k = pytree.tree_unflatten(filled, spec)
+            return self.call.invoke(a, k)
+
+        return torch.vmap(per_component)(*[leaves[p] for p in positions])
+
+
+def first_decomposed(args: tuple, kwargs: dict, flags: tuple[bool, ...]) -> Any:
+    """The leaf at the first decomposed position of a call: the input of a unary op.
+
+    Called with stacked arguments it gives the input stack; called with the reference
+    arguments, the reference input at the same position.
+    """
+    leaves, _ = pytree.tree_flatten((args, kwargs))
+    return next(leaf for leaf, flag in zip(leaves, flags) if flag)
+
+
+RuleFactory = Callable[[OpCall, Any], Rule]

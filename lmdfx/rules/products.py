@@ -1,0 +1,65 @@
+"""Products of two decomposed values (gating, attention, bilinear forms).
+
+``shapley``: x·y = Σ_k Σ_l x_k y_l; a term with k = l goes to k, a term with the bias goes to
+the other partner, a cross term of two modalities is split half-half — the exact Shapley split
+of the bilinear game with the bias as baseline. ``freeze``: the second operand is an
+operating-point constant, so the product is linear in the first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .base import BIAS, OpCall, Rule
+from .registry import register
+
+
+class _BinaryProduct(Rule):
+    @classmethod
+    def supports(cls, call: OpCall) -> bool:
+        return call.n_decomposed == 2
+
+    def _bilinear(self, args: tuple, kwargs: dict):
+        """The op as a function of its two decomposed operands, and those operands."""
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        first, second = [i for i, flag in enumerate(self.call.decomposed) if flag]
+
+        def op(x, y):
+            filled = list(leaves)
+            filled[first], filled[second] = x, y
+            a, k = pytree.tree_unflatten(filled, spec)
+            return self.call.invoke(a, k)
+
+        return op, leaves[first], leaves[second]
+
+
+@register("product", "shapley", ops=())
+class ShapleyProductRule(_BinaryProduct):
+    name = "shapley"
+
+    def forward(self, constants: Any, args: tuple, kwargs: dict) -> torch.Tensor:
+        op, x, y = self._bilinear(args, kwargs)
+        # Modality k receives op(x_k, Y/2 + y_b) + op(X/2 + x_b, y_k), with X, Y the modality sums.
+        x_half = 0.5 * x[:BIAS].sum(0) + x[BIAS]
+        y_half = 0.5 * y[:BIAS].sum(0) + y[BIAS]
+        modal = torch.vmap(op, in_dims=(0, None))(x[:BIAS], y_half) + torch.vmap(op, in_dims=(None, 0))(
+            x_half, y[:BIAS]
+        )
+        return torch.cat([modal, op(x[BIAS], y[BIAS]).unsqueeze(0)])
+
+
+@register("product", "freeze")
+class FreezeProductRule(_BinaryProduct):
+    name = "freeze"
+    has_operating_point = True
+
+    def operating_point(self, out, args, kwargs, stacked_args, stacked_kwargs):
+        _, _, second = self._bilinear(args, kwargs)
+        return {"second": second}
+
+    def forward(self, constants: dict, args: tuple, kwargs: dict) -> torch.Tensor:
+        op, x, _ = self._bilinear(args, kwargs)
+        return torch.vmap(op, in_dims=(0, None))(x, constants["second"])
