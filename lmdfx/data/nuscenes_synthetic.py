@@ -310,7 +310,7 @@ def write_tiny_nuscenes(
                             pts_ego.append((r * math.cos(a), r * math.sin(a), rng.uniform(0.3, 1.0)))
                             fields.append(_radar_fields(rng))
                         if is_key and ch == "RADAR_FRONT":
-                            known = (12.7 + k, -2.3, 0.6)
+                            known = (12.95 + k, -2.3, 0.6)
                             f = _radar_fields(rng)
                             pts_ego.append(known)
                             fields.append(f)
