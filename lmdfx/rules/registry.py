@@ -113,7 +113,8 @@ def resolve(call: OpCall, rules: Rules) -> Rule | None:
     variant = override or (getattr(rules, CHOICES[family]) if family in CHOICES else "default")
     if variant not in variants:
         raise LMDError(
-            f"Rule override {variant!r} for node {call.node!r} (op {call.op!r}, family {family!r}) "
+            f"Rule override {variant!r} for node {call.node!r} (module {call.layer or '<top level>'!r}, "
+            f"op {call.op!r}, family {family!r}) "
             f"is unknown; this family has: {', '.join(sorted(variants))}, or 'taylor'."
         )
     cls = variants[variant]
