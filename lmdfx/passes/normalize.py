@@ -187,6 +187,33 @@ def _module_as_function(gm: fx.GraphModule, node: fx.Node) -> None:
     gm.graph.erase_node(node)
 
 
+# Ops returning (values, indices).
+_ALWAYS_INDEXED = {"topk", "sort", "kthvalue", "mode"}
+_MAYBE_INDEXED = {"max", "min", "median"}
+
+
+def returns_indices(node: fx.Node) -> bool:
+    """Whether ``node`` returns a (values, indices) pair."""
+    op = node.meta.get("lmd_op")
+    if op in _ALWAYS_INDEXED:
+        return True
+    if op in _MAYBE_INDEXED:
+        second = node.args[1] if len(node.args) > 1 else None
+        return "dim" in node.kwargs or isinstance(second, int)
+    if op and "max_pool" in op:
+        return bool(node.kwargs.get("return_indices", False))
+    return False
+
+
+def _named_field_as_getitem(node: fx.Node) -> None:
+    """``torch.max(x, 1).values`` -> ``operator.getitem(..., 0)``: one spelling for pair fields."""
+    if node.op == "call_function" and node.target is getattr and isinstance(node.args[0], fx.Node):
+        field = node.args[1]
+        if field in ("values", "indices") and returns_indices(node.args[0]):
+            node.target = operator.getitem
+            node.args = (node.args[0], 0 if field == "values" else 1)
+
+
 def normalize(gm: fx.GraphModule) -> fx.GraphModule:
     """Canonicalise ``gm`` in place and return it (see the module docstring)."""
     for node in list(gm.graph.nodes):
@@ -195,6 +222,7 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
     for node in gm.graph.nodes:
         if node.op in ("call_function", "call_method", "call_module"):
             _out_of_place(node)
+            _named_field_as_getitem(node)
             node.meta["lmd_op"] = canonical_name(node)
     gm.graph.lint()
     gm.recompile()

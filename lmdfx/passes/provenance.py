@@ -17,6 +17,8 @@ from typing import Sequence
 
 from torch import fx
 
+from .normalize import returns_indices
+
 # Ops whose result describes a tensor (shape, dtype) or ignores its values.
 METADATA_OPS = {
     "metadata", "size", "dim", "numel", "nelement", "stride", "is_contiguous", "element_size",
@@ -30,24 +32,6 @@ DISCRETE_OPS = {
     "round", "trunc", "floor_divide", "remainder", "bool", "long", "int", "heaviside",
     "bucketize", "searchsorted",
 }
-# Ops returning (values, indices); the indices are discrete.
-_ALWAYS_INDEXED = {"topk", "sort", "kthvalue", "mode"}
-_MAYBE_INDEXED = {"max", "min", "median"}
-
-
-def returns_indices(node: fx.Node) -> bool:
-    """Whether ``node`` returns a (values, indices) pair."""
-    op = node.meta.get("lmd_op")
-    if op in _ALWAYS_INDEXED:
-        return True
-    if op in _MAYBE_INDEXED:
-        second = node.args[1] if len(node.args) > 1 else None
-        return "dim" in node.kwargs or isinstance(second, int)
-    if op and "max_pool" in op:
-        return bool(node.kwargs.get("return_indices", False))
-    return False
-
-
 def provenance(gm: fx.GraphModule, modality_params: Sequence[str]) -> fx.GraphModule:
     """Annotate ``gm``'s nodes with provenance; ``modality_params`` are placeholder names in order."""
     index = {name: i for i, name in enumerate(modality_params)}
@@ -61,18 +45,21 @@ def provenance(gm: fx.GraphModule, modality_params: Sequence[str]) -> fx.GraphMo
             continue
         inputs = node.all_input_nodes
         sources = frozenset().union(*(n.meta["lmd_provenance"] for n in inputs)) if inputs else frozenset()
+        # Modalities reaching the node other than through frozen (constant) values.
+        live = frozenset().union(*(n.meta["lmd_provenance"] for n in inputs if n.meta["lmd_kind"] != "frozen")) \
+            if inputs else frozenset()
         kinds = {n.meta["lmd_kind"] for n in inputs}
         op = node.meta.get("lmd_op")
         if node.op == "get_attr" or op in METADATA_OPS:
             kind = "context"
-        elif op == "getitem" and kinds & {"mixed"} and returns_indices(node.args[0]) and node.args[1] == 1:
+        elif op == "getitem" and "mixed" in kinds and returns_indices(node.args[0]) and node.args[1] == 1:
             kind = "frozen"
-        elif "mixed" in kinds or len(sources) >= 2:
+        elif "mixed" in kinds or len(live) >= 2:
             kind = "frozen" if op in DISCRETE_OPS else "mixed"
         elif "frozen" in kinds:
             # A frozen value combined with one modality is decomposed (the frozen value is a
             # constant of that computation); combined with context only, it stays frozen.
-            kind = "mixed" if sources and op not in DISCRETE_OPS else "frozen"
+            kind = "mixed" if live and op not in DISCRETE_OPS else "frozen"
         else:
             kind = "pure" if sources else "context"
         if kind == "context":

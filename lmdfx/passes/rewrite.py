@@ -39,6 +39,11 @@ def frozen_value(frozen: dict | None, key: str, value: Any) -> Any:
     return value if frozen is None else frozen[key]
 
 
+def constant_components(value: Any, k: int) -> torch.Tensor | None:
+    """A context value in an output or record: wholly the bias component (None if not a tensor)."""
+    return lift(value, BIAS, k) if isinstance(value, torch.Tensor) else None
+
+
 def residual(check: bool, frozen: dict | None, stack: Any, value: Any) -> torch.Tensor | None:
     """Largest |sum of components − value| and the scale Σ|components|, at the operating point."""
     if not check or frozen is not None or not isinstance(stack, torch.Tensor):
@@ -119,7 +124,7 @@ def rewrite(gm: fx.GraphModule, modality_names: Sequence[str], record: dict[str,
         if not isinstance(node, fx.Node) or node.meta.get("lmd_kind") == "frozen":
             return None
         if node.meta["lmd_kind"] == "context":
-            return graph.call_function(lift, (trunk[node], BIAS, k))
+            return graph.call_function(constant_components, (trunk[node], k))
         return view(node)
 
     output_node = None

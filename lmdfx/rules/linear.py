@@ -50,6 +50,19 @@ class LinearRule(Rule):
         return self.vmap_call(args, kwargs)
 
 
+@register("getitem", ops=("getitem",))
+class GetItemRule(Rule):
+    """``x[idx]``: picks a stack out of a multi-output node's tuple, or indexes every component."""
+
+    name = "getitem"
+
+    def forward(self, constants: Any, args: tuple, kwargs: dict) -> Any:
+        container, index = args
+        if isinstance(container, (tuple, list)):
+            return container[index]
+        return self.vmap_call(args, kwargs)
+
+
 @register("identity", ops=IDENTITY)
 class IdentityRule(Rule):
     """Value-preserving ops (``clone``, ``contiguous``, dropout in eval): the stack passes."""
@@ -153,4 +166,4 @@ class AffineRule(Rule):
         return out if bias is None else add_to_bias(out, bias)
 
 
-__all__ = ["LinearRule", "IdentityRule", "AdditiveRule", "AffineRule", "BIAS"]
+__all__ = ["LinearRule", "GetItemRule", "IdentityRule", "AdditiveRule", "AffineRule"]
