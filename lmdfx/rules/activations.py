@@ -7,12 +7,10 @@ Optional bias splitting (appendix C) moves the bias component into modalities fi
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
-from torch.utils import _pytree as pytree
 
-from .base import BIAS, OpCall, Rule, add_to_bias, first_decomposed, lift
+from .base import BIAS, Rule, add_to_bias, first_decomposed, lift
 from .registry import register
 
 ACTIVATIONS = (
@@ -91,15 +89,7 @@ class TangentRule(ElementwiseRule):
     name = "tangent"
 
     def slope(self, reference, out, args, kwargs):
-        leaves, spec = pytree.tree_flatten((args, kwargs))
-        position = self.call.decomposed.index(True)
-
-        def f(x):
-            filled = list(leaves)
-            filled[position] = x
-            a, k = pytree.tree_unflatten(filled, spec)
-            return self.call.invoke(a, k)
-
+        f, _ = self.as_function(args, kwargs, [self.call.decomposed.index(True)])
         _, derivative = torch.func.jvp(f, (reference,), (torch.ones_like(reference),))
         return derivative
 
@@ -120,4 +110,4 @@ class FreezeRule(Rule):
         return lift(constants["value"], BIAS, like.shape[0])
 
 
-__all__ = ["SecantRule", "TangentRule", "FreezeRule", "bias_shares", "OpCall"]
+__all__ = ["SecantRule", "TangentRule", "FreezeRule", "bias_shares"]

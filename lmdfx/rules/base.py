@@ -135,23 +135,26 @@ class Rule(nn.Module):
         return f"{self.call.node}: {self.call.op} -> {self.name}"
 
     # -- helpers shared by rule families ------------------------------------------------------
-    def decomposed_leaves(self, args: tuple, kwargs: dict) -> tuple[list, Any, list[int]]:
+    def as_function(self, args: tuple, kwargs: dict, positions: list[int] | None = None) -> tuple[Callable, tuple]:
+        """The op as a function of the leaves at ``positions`` of the flattened (args, kwargs)
+        (default: the decomposed ones), every other argument fixed; and those leaves' values."""
         leaves, spec = pytree.tree_flatten((args, kwargs))
-        positions = [i for i, flag in enumerate(self.call.decomposed) if flag]
-        return leaves, spec, positions
+        if positions is None:
+            positions = [i for i, flag in enumerate(self.call.decomposed) if flag]
 
-    def vmap_call(self, args: tuple, kwargs: dict) -> Any:
-        """Apply the op to every component (the op must be linear in the decomposed leaves)."""
-        leaves, spec, positions = self.decomposed_leaves(args, kwargs)
-
-        def per_component(*values):
+        def op(*values):
             filled = list(leaves)
             for position, value in zip(positions, values):
                 filled[position] = value
             a, k = pytree.tree_unflatten(filled, spec)
             return self.call.invoke(a, k)
 
-        return torch.vmap(per_component)(*[leaves[p] for p in positions])
+        return op, tuple(leaves[p] for p in positions)
+
+    def vmap_call(self, args: tuple, kwargs: dict) -> Any:
+        """Apply the op to every component (the op must be linear in the decomposed leaves)."""
+        op, stacks = self.as_function(args, kwargs)
+        return torch.vmap(op)(*stacks)
 
 
 def first_decomposed(args: tuple, kwargs: dict, flags: tuple[bool, ...]) -> Any:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
-from .base import BIAS, NodeRef, OpCall, Rule, add_to_bias, as_bias_stack, bind, first_decomposed
+from .base import NodeRef, OpCall, Rule, add_to_bias, as_bias_stack, bind, first_decomposed
 from .registry import register
 
 # Ops linear in their decomposed input, with every other argument a constant.
@@ -109,21 +109,11 @@ class AdditiveRule(Rule):
         ]
 
     def forward(self, constants: Any, args: tuple, kwargs: dict) -> Any:
-        leaves, spec = pytree.tree_flatten((args, kwargs))
-        like = next(leaf for leaf, flag in zip(leaves, self.call.decomposed) if flag)
-        positions = self.summand_positions
-        lifted = [
-            leaves[i] if self.call.decomposed[i] else as_bias_stack(leaves[i], like) for i in positions
-        ]
-
-        def per_component(*values):
-            filled = list(leaves)
-            for position, value in zip(positions, values):
-                filled[position] = value
-            a, k = pytree.tree_unflatten(filled, spec)
-            return self.call.invoke(a, k)
-
-        return torch.vmap(per_component)(*lifted)
+        op, summands = self.as_function(args, kwargs, self.summand_positions)
+        like = first_decomposed(args, kwargs, self.call.decomposed)
+        flags = [self.call.decomposed[i] for i in self.summand_positions]
+        lifted = [s if flag else as_bias_stack(s, like) for s, flag in zip(summands, flags)]
+        return torch.vmap(op)(*lifted)
 
 
 _CONV = (("input", None), ("weight", None), ("bias", None), ("stride", 1), ("padding", 0),

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .base import BIAS, OpCall, Rule, add_to_bias, bind, first_decomposed
+from .base import OpCall, Rule, add_to_bias, bind
 from .registry import register
 
 _BATCH_NORM = (("input", None), ("running_mean", None), ("running_var", None), ("weight", None),
@@ -147,5 +147,4 @@ class NormUniformRule(PerSampleNormRule):
     name = "uniform"
 
 
-__all__ = ["BatchNormRule", "BatchNormUniformRule", "NormRatioRule", "NormIdentityRule", "NormUniformRule", "BIAS",
-           "first_decomposed"]
+__all__ = ["BatchNormRule", "BatchNormUniformRule", "NormRatioRule", "NormIdentityRule", "NormUniformRule"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils import _pytree as pytree
 
 from .base import BIAS, OpCall, Rule
 from .registry import register
@@ -24,16 +23,8 @@ class _BinaryProduct(Rule):
 
     def _bilinear(self, args: tuple, kwargs: dict):
         """The op as a function of its two decomposed operands, and those operands."""
-        leaves, spec = pytree.tree_flatten((args, kwargs))
-        first, second = [i for i, flag in enumerate(self.call.decomposed) if flag]
-
-        def op(x, y):
-            filled = list(leaves)
-            filled[first], filled[second] = x, y
-            a, k = pytree.tree_unflatten(filled, spec)
-            return self.call.invoke(a, k)
-
-        return op, leaves[first], leaves[second]
+        op, (x, y) = self.as_function(args, kwargs)
+        return op, x, y
 
 
 @register("product", "shapley", ops=())

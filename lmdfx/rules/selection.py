@@ -6,9 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from .base import BIAS, NodeRef, OpCall, Rule, as_bias_stack, bind, first_decomposed
+from .base import NodeRef, OpCall, Rule, as_bias_stack, bind, first_decomposed
 from .registry import register
 
 _POOLS = {
@@ -129,4 +128,4 @@ class SelectRule(Rule):
         return values, indices
 
 
-__all__ = ["MaxPoolRule", "SelectRule", "F", "BIAS"]
+__all__ = ["MaxPoolRule", "SelectRule"]
