@@ -8,7 +8,9 @@ from typing import Any, Iterable, Mapping, Sequence
 from torch import nn
 
 from .errors import LMDError
-from .passes import assign_rules, normalize, optimize, provenance, resolve_record, rewrite, trace
+from .passes import assign_rules, normalize, provenance, resolve_record, rewrite, trace
+from .passes import optimize as optimize_graph
+from .passes.optimize import TrunkDispatch
 from .report import Report
 from .rules import Rules
 from .runtime import Decomposer
@@ -24,6 +26,8 @@ def compile(
     backend: Any = None,
     leaf_modules: Iterable[Any] = (),
     concrete_args: dict[str, Any] | None = None,
+    optimize: bool = True,
+    exact_output: bool = True,
 ) -> Decomposer:
     """Compile ``model`` into a decomposer returning one component per modality plus bias.
 
@@ -31,6 +35,10 @@ def compile(
     other parameters are context. ``record``: None, ``"all"`` or module/fx node names.
     ``backend``: a ``torch.compile`` backend for the generated module. ``leaf_modules``
     (types or qualified names) and ``concrete_args`` are passed to the tracer.
+    ``optimize``: run the structural-zeros rewrite (same results up to summation order).
+    ``exact_output=False``: after the fusion layer the trunk is, where no rule needs its own
+    value, the sum of the components, which saves one run of the post-fusion layers per call;
+    ``res.output`` then equals ``model(...)`` to rounding instead of bitwise.
     The model is never modified.
     """
     if not isinstance(model, nn.Module):
@@ -53,16 +61,18 @@ def compile(
     clash = [p for p in params if p in _RESERVED]
     if clash:
         raise LMDError(f"forward parameter(s) {clash} clash with lmdfx's own call arguments; rename them.")
-    gm = trace(model, leaf_modules, concrete_args)
-    placeholders = {n.target for n in gm.graph.nodes if n.op == "placeholder"}
-    fixed = [p for p in modalities.values() if p not in placeholders]
+    fixed = sorted(set(concrete_args or {}) & set(modalities.values()))
     if fixed:
         raise LMDError(f"Modality parameter(s) {fixed} are fixed by concrete_args; a modality input must stay an input.")
+    gm = trace(model, leaf_modules, concrete_args)
     normalize(gm)
     provenance(gm, list(modalities.values()))
     assign_rules(gm, rules)
     recorded = resolve_record(gm, record)
     report = Report(gm, list(modalities))
     decomposed, layout = rewrite(gm, list(modalities), recorded)
-    optimize(decomposed)
+    optimize_graph(decomposed, structural=optimize)
+    if not exact_output:
+        summed, _ = rewrite(gm, list(modalities), recorded, trunk_mode="sum")
+        decomposed = TrunkDispatch(optimize_graph(summed, structural=optimize), decomposed)
     return Decomposer(model, decomposed, layout, modalities, report, backend=backend)

@@ -80,8 +80,7 @@ class Decomposer:
         self.names = (*layout.modality_names, "bias")
         self._report = report
         self._signature = inspect.signature(model.forward)
-        self._inputs = [n.target for n in module.graph.nodes if n.op == "placeholder"
-                        and n.target not in ("lmd_frozen", "lmd_check")]
+        self._inputs = [n.meta["lmd_param"] for n in module.graph.nodes if "lmd_param" in n.meta]
         self._run: Callable = torch.compile(module, backend=backend) if backend is not None else module
         self.check_residuals = True
 

@@ -77,3 +77,53 @@ def test_quickstart_example_runs(capsys):
     out = capsys.readouterr().out
     assert "camera" in out and "radar" in out and "% of the output" in out
     assert "unchanged after replacing the radar input: True" in out
+
+
+class Flip(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 1)
+
+    def forward(self, cam, radar, flip: bool = False):
+        x = self.conv(cam + radar)
+        if flip:
+            x = x.flip(-1)
+        return torch.tanh(x)
+
+
+class Opaque(nn.Module):
+    """A block the user keeps as a leaf: it has no rule, so the Taylor fallback takes it."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(x) + x.pow(3)
+
+
+class WithLeaf(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = Opaque()
+
+    def forward(self, cam, radar):
+        return self.block(cam - radar)
+
+
+def test_concrete_args_and_leaf_modules_reach_the_tracer():
+    cam, radar = torch.randn(1, 2, 3, 3, dtype=torch.float64), torch.randn(1, 2, 3, 3, dtype=torch.float64)
+    model = Flip().double().eval()
+    with __import__("pytest").raises(lmdfx.TraceError):
+        lmdfx.compile(model, {"camera": "cam", "radar": "radar"})
+    dec = lmdfx.compile(model, {"camera": "cam", "radar": "radar"}, concrete_args={"flip": True})
+    torch.testing.assert_close(dec(cam, radar, True).components.sum(0), model(cam, radar, True), rtol=0, atol=1e-12)
+
+    leafy = WithLeaf().double().eval()
+    with __import__("pytest").raises(lmdfx.UnsupportedOpError, match="Opaque"):
+        lmdfx.compile(leafy, {"camera": "cam", "radar": "radar"}, leaf_modules=[Opaque])
+    for rules in (lmdfx.Rules(fallback="taylor"), lmdfx.Rules(overrides={Opaque: "taylor"}),
+                  lmdfx.Rules(overrides={"block": "taylor"})):
+        dec = lmdfx.compile(leafy, {"camera": "cam", "radar": "radar"}, leaf_modules=["block"], rules=rules)
+        res = dec(cam, radar)
+        assert {row.node: row.rule for row in dec.report().rows}["block"] == "taylor"
+        torch.testing.assert_close(res.components.sum(0), leafy(cam, radar), rtol=0, atol=1e-12)
+        # First-order: each modality component is the Jacobian applied to that modality's input.
+        _, expected = torch.func.jvp(leafy.block, (cam - radar,), (cam,))
+        torch.testing.assert_close(res.components[0], expected, rtol=1e-12, atol=1e-12)

@@ -33,13 +33,14 @@ DISCRETE_OPS = {
     "bucketize", "searchsorted",
 }
 def provenance(gm: fx.GraphModule, modality_params: Sequence[str]) -> fx.GraphModule:
-    """Annotate ``gm``'s nodes with provenance; ``modality_params`` are placeholder names in order."""
+    """Annotate ``gm``'s nodes with provenance; ``modality_params`` are forward parameter names in order."""
     index = {name: i for i, name in enumerate(modality_params)}
     for node in gm.graph.nodes:
         if node.op == "output":
             continue
         if node.op == "placeholder":
-            sources = frozenset({index[node.target]}) if node.target in index else frozenset()
+            param = node.meta["lmd_param"]
+            sources = frozenset({index[param]}) if param in index else frozenset()
             node.meta["lmd_provenance"] = sources
             node.meta["lmd_kind"] = "pure" if sources else "context"
             continue

@@ -1,12 +1,14 @@
 """Pass 1 — trace: ``nn.Module`` -> ``fx.GraphModule``.
 
-Ensures every node carries ``meta["lmd_layer"]`` (innermost module qualified name),
+Ensures every placeholder carries ``meta["lmd_param"]`` (its forward parameter name) and every
+node carries ``meta["lmd_layer"]`` (innermost module qualified name),
 ``meta["lmd_source"]`` (the user's source line) and, on nodes that are a module's output,
 ``meta["lmd_module_outputs"]`` (the qualified names whose output the node is).
 """
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections import Counter
 from typing import Any, Iterable
@@ -69,6 +71,13 @@ def trace(model: nn.Module, leaf_modules: Iterable[Any] = (), concrete_args: dic
             name = f"{path}:{calls[path]}" if calls[path] else path
             calls[path] += 1
             out.node.meta.setdefault("lmd_module_outputs", []).append(name)
+    # fx may rename a placeholder whose name clashes with a node's ("flip" -> "flip_1"); the
+    # placeholders follow forward's parameters in order, so record the parameter name.
+    parameters = [p for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for node, parameter in zip(placeholders, parameters):
+        node.meta["lmd_param"] = parameter.name
     for node in graph.nodes:
         node.meta["lmd_source"] = user_source(node.meta.get("stack_trace"))
         if node.op == "call_module":
