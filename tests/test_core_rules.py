@@ -76,6 +76,17 @@ def test_activation_slopes_by_hand(activation):
     torch.testing.assert_close(res.components[2], remainder, atol=1e-15, rtol=0)
 
 
+def test_secant_of_a_function_off_the_origin_starts_at_f0():
+    a = torch.tensor([1.0, -2.0, 3.0], dtype=D)
+    b = torch.tensor([0.5, 1.0, -2.5], dtype=D)
+    res = decompose(torch.sigmoid, a, b)
+    slope = (torch.sigmoid(a + b) - 0.5) / (a + b)
+    torch.testing.assert_close(res.components[0], slope * a)
+    torch.testing.assert_close(res.components[1], slope * b)
+    torch.testing.assert_close(res.components[2], torch.full((3,), 0.5, dtype=D))
+    assert (slope.abs() <= 0.25).all()  # bounded by the sigmoid's largest slope
+
+
 def test_secant_guard_sends_the_output_to_bias_where_the_input_is_tiny():
     a = torch.tensor([1e-9, 1.0], dtype=D)
     b = torch.tensor([-1e-9 + 1e-12, 1.0], dtype=D)

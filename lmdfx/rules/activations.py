@@ -1,6 +1,6 @@
 """Element-wise activations: one slope per element from the operating point.
 
-``secant``: c = O / A (the paper's rule); ``tangent``: c = f'(A). Either way the remainder
+``secant``: c = O / A (the paper's rule, see ``SecantRule`` for f(0) ≠ 0); ``tangent``: c = f'(A). Either way the remainder
 O − c·A goes to the bias component, so components sum to O exactly at the operating point.
 Optional bias splitting (appendix C) moves the bias component into modalities first.
 """
@@ -72,14 +72,21 @@ class ElementwiseRule(Rule):
 @register("activation", "secant", ops=ACTIVATIONS)
 @register("softmax", "secant")
 class SecantRule(ElementwiseRule):
-    """c = O / A where |A| > eps, else 0 (the whole output then goes to the bias component)."""
+    """c = (O − f(0)) / A where |A| > eps, else 0: the slope of the segment from (0, f(0)) to
+    (A, O). For activations through the origin (ReLU, GELU, SiLU, tanh, ...) this is the
+    paper's O / A; for others (sigmoid, softplus) it keeps c bounded by the function's slope
+    instead of blowing up near A = 0, and f(0) goes to the bias component with the remainder.
+    If f(0) is not finite (log), the segment starts at the origin."""
 
     name = "secant"
 
     def slope(self, reference, out, args, kwargs):
+        f, _ = self.as_function(args, kwargs, [self.call.decomposed.index(True)])
+        at_zero = f(torch.zeros_like(reference))
+        rise = torch.where(torch.isfinite(at_zero), out - at_zero, out)
         large = reference.abs() > self.options.eps
         safe = torch.where(large, reference, torch.ones_like(reference))
-        return torch.where(large, out / safe, torch.zeros_like(out))
+        return torch.where(large, rise / safe, torch.zeros_like(out))
 
 
 @register("activation", "tangent")
