@@ -22,8 +22,15 @@ from torch.utils import _pytree as pytree
 
 from ..errors import LMDError
 from ..rules.base import BIAS, lift
+from ..rules.linear import AdditiveRule, AffineRule, GetItemRule, IdentityRule, LinearRule
+from ..rules.norms import BatchNormRule, BatchNormUniformRule
+from ..rules.products import ShapleyProductRule
 
 RULES_ATTR = "lmd_rules"
+# Rules that read no operating point and return stacks only: under trunk_mode="sum" the trunk
+# value of their node can be the sum of its components.
+SUMMABLE_RULES = (LinearRule, IdentityRule, GetItemRule, AdditiveRule, AffineRule, BatchNormRule,
+                  BatchNormUniformRule, ShapleyProductRule)
 
 
 def operating_point_entry(rule: nn.Module, frozen: dict | None, key: str, out: Any, args: tuple, kwargs: dict,
@@ -89,7 +96,17 @@ def resolve_record(gm: fx.GraphModule, record: None | str | Sequence[str]) -> di
     return chosen
 
 
-def rewrite(gm: fx.GraphModule, modality_names: Sequence[str], record: dict[str, fx.Node]) -> tuple[fx.GraphModule, Layout]:
+def component_sum(stack: Any) -> Any:
+    """The value a stack (or a tuple of stacks) decomposes: the sum over the component axis."""
+    return pytree.tree_map(lambda t: t.sum(0) if isinstance(t, torch.Tensor) else t, stack)
+
+
+def rewrite(gm: fx.GraphModule, modality_names: Sequence[str], record: dict[str, fx.Node],
+            trunk_mode: str = "exact") -> tuple[fx.GraphModule, Layout]:
+    """``trunk_mode="exact"``: the trunk is the original graph. ``"sum"``: the trunk value of a
+    mixed node whose rule reads no operating point (linear, affine, additive) is the sum of its
+    components, so the post-fusion layers run once per component and not once more for the
+    trunk; outputs then equal the model's to rounding. Frozen-point calls need the exact trunk."""
     k = len(modality_names) + 1
     graph = fx.Graph()
     trunk: dict[fx.Node, fx.Node] = {}
@@ -111,12 +128,12 @@ def rewrite(gm: fx.GraphModule, modality_names: Sequence[str], record: dict[str,
         kind = node.meta["lmd_kind"]
         if kind == "pure":
             (index,) = node.meta["lmd_provenance"]
-            views[node] = graph.call_function(lift, (trunk[node], index, k))
+            views[node] = graph.call_function(lift, (reference(node), index, k))
         elif kind == "frozen":
-            views[node] = graph.call_function(frozen_value, (frozen, node.name, trunk[node]))
-            constants[node.name] = trunk[node]
+            views[node] = graph.call_function(frozen_value, (frozen, node.name, reference(node)))
+            constants[node.name] = reference(node)
         else:
-            views[node] = trunk[node]
+            views[node] = reference(node)
         return views[node]
 
     def as_components(node: Any) -> Any:
@@ -124,8 +141,16 @@ def rewrite(gm: fx.GraphModule, modality_names: Sequence[str], record: dict[str,
         if not isinstance(node, fx.Node) or node.meta.get("lmd_kind") == "frozen":
             return None
         if node.meta["lmd_kind"] == "context":
-            return graph.call_function(constant_components, (trunk[node], k))
+            return graph.call_function(constant_components, (reference(node), k))
         return view(node)
+
+    summed: dict[fx.Node, fx.Node] = {}
+
+    def reference(node: fx.Node) -> fx.Node:
+        """The trunk value of ``node``; in "sum" mode made on first use from its stack."""
+        if node not in trunk:
+            trunk[node] = graph.call_function(component_sum, (summed[node],))
+        return trunk[node]
 
     output_node = None
     for node in gm.graph.nodes:
@@ -134,7 +159,10 @@ def rewrite(gm: fx.GraphModule, modality_names: Sequence[str], record: dict[str,
         if node.op == "output":
             output_node = node
             break
-        trunk[node] = graph.node_copy(node, lambda n: trunk[n])
+        by_sum = (trunk_mode == "sum" and node.meta.get("lmd_kind") == "mixed"
+                  and type(node.meta["lmd_rule"]) in SUMMABLE_RULES)
+        if not by_sum:
+            trunk[node] = graph.node_copy(node, reference)
         if node.meta.get("lmd_kind") != "mixed":
             continue
         rule = node.meta["lmd_rule"]
@@ -143,8 +171,8 @@ def rewrite(gm: fx.GraphModule, modality_names: Sequence[str], record: dict[str,
         stacked_kwargs = fx.node.map_arg(dict(node.kwargs), view)
         constant = None
         if rule.has_operating_point:
-            reference_args = fx.node.map_arg(node.args, lambda n: trunk[n])
-            reference_kwargs = fx.node.map_arg(dict(node.kwargs), lambda n: trunk[n])
+            reference_args = fx.node.map_arg(node.args, reference)
+            reference_kwargs = fx.node.map_arg(dict(node.kwargs), reference)
             rule_module = graph.get_attr(f"{RULES_ATTR}.{node.name}")
             constant = graph.call_function(
                 operating_point_entry,
@@ -154,6 +182,9 @@ def rewrite(gm: fx.GraphModule, modality_names: Sequence[str], record: dict[str,
         stack = graph.call_module(f"{RULES_ATTR}.{node.name}", (constant, stacked_args, stacked_kwargs))
         stack.meta.update(lmd_branch_of=node.name)
         views[node] = stack
+        if by_sum:
+            summed[node] = stack  # its own sum: no residual to check
+            continue
         residuals[node.name] = graph.call_function(residual, (check, frozen, stack, trunk[node]))
 
     if output_node is None:
@@ -161,7 +192,7 @@ def rewrite(gm: fx.GraphModule, modality_names: Sequence[str], record: dict[str,
     leaves, spec = pytree.tree_flatten(output_node.args[0])
     layers = {name: as_components(node) for name, node in record.items()}
     result = {
-        "output": fx.node.map_arg(output_node.args[0], lambda n: trunk[n]),
+        "output": fx.node.map_arg(output_node.args[0], reference),
         "components": [as_components(leaf) for leaf in leaves],
         "layers": layers,
         "operating_point": constants,

@@ -1,0 +1,157 @@
+"""What one decomposition costs against the plain forward of SimpleBEV (camera + radar).
+
+    python -m benchmarks.overhead --config tiny|cpu|paper [--json PATH] [--no-compiled]
+
+Times (median of ``--repeats`` after one warm-up, same process) and peak memory of:
+the forward; the decomposition unoptimised, with the default optimisations (exact output),
+and with ``exact_output=False`` (trunk of the post-fusion part = sum of components); the same
+under ``torch.compile(backend="inductor")``; and the post-fusion part alone (fusion conv +
+decoder, with camera BEV features and radar BEV as the modalities). Residual checks are off
+(``Decomposer.check_residuals = False``) except in the row that says otherwise.
+"""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any, Callable
+
+import torch
+
+import lmdfx
+
+from .common import (PostFusion, Table, base_parser, device_of, emit, median_time, peak_memory_mb,
+                     post_fusion_inputs, simplebev, simplebev_config)
+
+MODES = {  # name: compile options
+    "unoptimised": dict(optimize=False, exact_output=True),
+    "exact output": dict(optimize=True, exact_output=True),
+    "fast (exact_output=False)": dict(optimize=True, exact_output=False),
+}
+
+
+def _decomposer(model: torch.nn.Module, modalities: dict[str, str], check: bool = False, **options: Any):
+    dec = lmdfx.compile(model, modalities, **options)
+    dec.check_residuals = check
+    return dec
+
+
+def _compiled(make: Callable[[], Callable[[], Any]], device: torch.device, repeats: int) -> tuple[float | None, str]:
+    """Median time of an inductor-compiled callable, or None and why it failed."""
+    try:
+        fn = make()
+        return median_time(fn, device, repeats=repeats, warmup=2), ""
+    except Exception as exc:  # inductor needs a C++ toolchain; report, do not crash
+        traceback.print_exc()
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def run(config_name: str, device: torch.device, repeats: int, compiled: bool, batch: int = 1) -> dict[str, Any]:
+    config = simplebev_config(config_name)
+    model, inputs = simplebev(config, device, batch)
+    modalities = model.modality_args
+    m = len(modalities)
+    result: dict[str, Any] = {"config": config_name, "batch": batch, "device": str(device),
+                              "image_size": config.image_size, "grid": config.grid, "encoder": config.encoder,
+                              "modalities": list(modalities), "repeats": repeats, "residual_checks": False}
+
+    def forward():
+        return model(**inputs)
+
+    result["forward_s"] = median_time(forward, device, repeats)
+    result["peak_mem_forward_mb"], result["memory_method"] = peak_memory_mb(forward, device)
+    rows = [["forward", result["forward_s"], 1.0, result["peak_mem_forward_mb"], 1.0]]
+    times, mems = {}, {}
+    for name, options in MODES.items():
+        dec = _decomposer(model, modalities, **options)
+        times[name] = median_time(lambda: dec(**inputs), device, repeats)
+        mems[name], _ = peak_memory_mb(lambda: dec(**inputs), device)
+        rows.append([f"decompose, {name}", times[name], times[name] / result["forward_s"], mems[name],
+                     mems[name] / result["peak_mem_forward_mb"]])
+        del dec
+    checked = _decomposer(model, modalities, check=True)
+    t_checked = median_time(lambda: checked(**inputs), device, repeats)
+    rows.append(["decompose, exact output, residual checks on", t_checked, t_checked / result["forward_s"], "", ""])
+    del checked
+    result["decompose_s"] = times["exact output"]
+    result["ratio"] = result["decompose_s"] / result["forward_s"]
+    result["decompose_fast_s"] = times["fast (exact_output=False)"]
+    result["ratio_fast"] = result["decompose_fast_s"] / result["forward_s"]
+    result["decompose_unoptimised_s"] = times["unoptimised"]
+    result["ratio_unoptimised"] = times["unoptimised"] / result["forward_s"]
+    result["decompose_checked_s"] = t_checked
+    result["peak_mem_decompose_mb"] = mems["exact output"]
+    result["peak_mem_decompose_fast_mb"] = mems["fast (exact_output=False)"]
+    result["peak_mem_decompose_unoptimised_mb"] = mems["unoptimised"]
+    result["mem_ratio"] = result["peak_mem_decompose_mb"] / result["peak_mem_forward_mb"]
+
+    # The post-fusion part alone: its inputs are the modalities, so every layer is mixed.
+    post = PostFusion(model).eval()
+    post_inputs = post_fusion_inputs(model, batch)
+    post_modalities = {"camera": "feat_bev", "radar": "radar_bev"}
+    result["post_fusion_forward_s"] = median_time(lambda: post(**post_inputs), device, repeats)
+    post_rows = [["post-fusion forward", result["post_fusion_forward_s"], 1.0]]
+    for name, options in MODES.items():
+        dec = _decomposer(post, post_modalities, **options)
+        t = median_time(lambda: dec(**post_inputs), device, repeats)
+        post_rows.append([f"post-fusion decompose, {name}", t, t / result["post_fusion_forward_s"]])
+        result[f"post_fusion_decompose_{name.split()[0]}_s"] = t
+        del dec
+    result["post_fusion_decompose_s"] = result["post_fusion_decompose_exact_s"]
+    result["ratio_post_fusion"] = result["post_fusion_decompose_s"] / result["post_fusion_forward_s"]
+    result["ratio_post_fusion_fast"] = result["post_fusion_decompose_fast_s"] / result["post_fusion_forward_s"]
+    result["target_ratio_post_fusion"] = (m + 1) + 0.5
+
+    result["ratio_compiled"] = None
+    compiled_rows = []
+    if compiled:
+        t_fwd, why = _compiled(lambda: (lambda f: (lambda: f(**inputs)))(torch.compile(model, backend="inductor")),
+                               device, repeats)
+        result["forward_compiled_s"] = t_fwd
+        if t_fwd is None:
+            result["compiled_note"] = f"inductor failed on this machine: {why}"
+        else:
+            compiled_rows.append(["forward (inductor)", t_fwd, t_fwd / result["forward_s"]])
+            for name, key in (("exact output", "decompose_compiled_s"), ("fast (exact_output=False)", "decompose_fast_compiled_s")):
+                t_dec, why = _compiled(
+                    lambda: (lambda d: (lambda: d(**inputs)))(_decomposer(model, modalities, backend="inductor", **MODES[name])),
+                    device, repeats)
+                result[key] = t_dec
+                if t_dec is None:
+                    result["compiled_note"] = f"inductor failed on the decomposition: {why}"
+                    continue
+                compiled_rows.append([f"decompose, {name} (inductor)", t_dec, t_dec / t_fwd])
+            if result.get("decompose_compiled_s"):
+                result["ratio_compiled"] = result["decompose_compiled_s"] / t_fwd
+            if result.get("decompose_fast_compiled_s"):
+                result["ratio_fast_compiled"] = result["decompose_fast_compiled_s"] / t_fwd
+    else:
+        result["compiled_note"] = "skipped (--no-compiled)"
+    result["_tables"] = (rows, post_rows, compiled_rows)
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--config", default="tiny", choices=("tiny", "cpu", "paper"))
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--no-compiled", action="store_true", help="skip the inductor measurements")
+    args = parser.parse_args(argv)
+    device = device_of(args.device)
+    result = run(args.config, device, args.repeats, not args.no_compiled, args.batch)
+    rows, post_rows, compiled_rows = result.pop("_tables")
+    tables = [Table(["measurement", "median s", "× forward", "peak MiB", "× forward peak"], rows),
+              Table(["measurement", "median s", "× post-fusion forward"], post_rows)]
+    if compiled_rows:
+        tables.append(Table(["measurement", "median s", "× compiled forward"], compiled_rows))
+    notes = [f"memory: {result['memory_method']}; residual checks off unless stated",
+             f"targets: ratio <= 1.5 (got {result['ratio']:.2f}, fast {result['ratio_fast']:.2f}); "
+             f"post-fusion <= {result['target_ratio_post_fusion']} (got {result['ratio_post_fusion']:.2f}, "
+             f"fast {result['ratio_post_fusion_fast']:.2f}); memory <= 1.5x (got {result['mem_ratio']:.2f})"]
+    if result.get("compiled_note"):
+        notes.append(f"inductor: {result['compiled_note']}")
+    emit(f"Decomposition overhead, SimpleBEV config {args.config!r}", tables, result, args.json, notes)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""The optimisations leave results unchanged: structural zeros (``optimize``) and the summed
+trunk (``exact_output=False``) against the unoptimised decomposition, in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import lmdfx
+from lmdfx.models.simplebev import SimpleBEV, SimpleBEVConfig
+from lmdfx.passes.structural_zeros import sliced_affine
+from nets import make_program_net, program_inputs
+
+# Structural zeros only reorder sums inside one layer: 1e-12 of the component scale.
+# The summed trunk moves the operating point by rounding, and a secant slope O/A amplifies a
+# rounding change of A by Σ|D_k| / |A| where the components cancel, so it gets 1e-9.
+EXACT_TOL = 1e-12
+SUMMED_TOL = 1e-9
+
+
+def close(a: torch.Tensor, b: torch.Tensor, scale: float, tol: float, what: str) -> None:
+    error = (a - b).abs().max().item()
+    assert error <= tol * scale + 1e-300, f"{what}: differs by {error:.3e} (scale {scale:.3e})"
+
+
+def compare(reference, result, tol: float) -> None:
+    """Every component of ``result`` equals ``reference``'s; the components sum to the output."""
+    ref_leaves = torch.utils._pytree.tree_leaves(reference.components)
+    leaves = torch.utils._pytree.tree_leaves(result.components)
+    outputs = torch.utils._pytree.tree_leaves(result.output)
+    assert len(ref_leaves) == len(leaves) == len(outputs)
+    for i, (ref, got, out) in enumerate(zip(ref_leaves, leaves, outputs)):
+        scale = ref.abs().sum(0).max().item()
+        close(got, ref, scale, tol, f"component stack {i}")
+        close(got.sum(0), out, scale, EXACT_TOL, f"equality at output {i}")
+    for name, stack in reference.layers.items():
+        scale = stack.abs().sum(0).max().item()
+        close(result.layers[name], stack, scale, tol, f"layer {name}")
+
+
+def uses_sliced_affine(dec) -> bool:
+    module = getattr(dec.module, "exact", dec.module)
+    return any(n.target is sliced_affine for n in module.graph.nodes)
+
+
+@pytest.fixture(scope="module")
+def simplebev64():
+    torch.manual_seed(0)
+    model = SimpleBEV(SimpleBEVConfig.tiny()).double().eval()
+    inputs = {k: v.double() for k, v in model.example_inputs(2, torch.Generator().manual_seed(1)).items()}
+    return model, inputs
+
+
+def test_simplebev_structural_zeros_unchanged(simplebev64):
+    model, inputs = simplebev64
+    reference = lmdfx.compile(model, model.modality_args, optimize=False, record="all")(**inputs)
+    dec = lmdfx.compile(model, model.modality_args, record="all")
+    assert uses_sliced_affine(dec), "the fusion conv over cat(camera, radar) should be sliced"
+    result = dec(**inputs)
+    expected = model(**inputs)
+    for key in expected:
+        assert torch.equal(result.output[key], expected[key])
+    compare(reference, result, EXACT_TOL)
+    assert dec.report().max_relative_residual <= 1e-12
+
+
+def test_simplebev_summed_trunk_unchanged(simplebev64):
+    model, inputs = simplebev64
+    reference = lmdfx.compile(model, model.modality_args, optimize=False, record="all")(**inputs)
+    dec = lmdfx.compile(model, model.modality_args, exact_output=False, record="all")
+    result = dec(**inputs)
+    compare(reference, result, SUMMED_TOL)
+    expected = model(**inputs)
+    for key in expected:
+        scale = reference.components[key].abs().sum(0).max().item()
+        close(result.output[key], expected[key], scale, EXACT_TOL, f"output {key}")
+    # Rules that read an operating point still check their own equality.
+    assert dec.report().max_relative_residual <= 1e-12
+
+
+def test_summed_trunk_frozen_point_uses_exact_trunk(simplebev64):
+    model, inputs = simplebev64
+    exact = lmdfx.compile(model, model.modality_args)
+    fast = lmdfx.compile(model, model.modality_args, exact_output=False)
+    other = dict(inputs, radar_bev=inputs["radar_bev"].flip(0))
+    op_exact = exact.operating_point(**inputs)
+    op_fast = fast.operating_point(**inputs)
+    frozen_exact = exact(**other, operating_point=op_exact)
+    frozen_fast = fast(**other, operating_point=op_fast)
+    expected = model(**other)
+    for key in expected:
+        # A frozen call's output is the model's on the new inputs, bitwise, in both modes.
+        assert torch.equal(frozen_fast.output[key], expected[key])
+        scale = frozen_exact.components[key].abs().sum(0).max().item()
+        close(frozen_fast.components[key], frozen_exact.components[key], scale, SUMMED_TOL, key)
+
+
+class CatFusion(nn.Module):
+    """Fusion layers over concatenations: a conv with bias over (m0, context, m1), a linear
+    layer over the last axis, a concatenation along a spatial axis (not sliceable: falls back),
+    a grouped conv (falls back), and a modality used twice in one concatenation."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2 + 1 + 3, 4, 3, padding=1, bias=True)
+        self.grouped = nn.Conv2d(2 + 2, 4, 1, groups=2, bias=False)
+        self.linear = nn.Linear(8 + 8 + 8, 4)
+        self.spatial = nn.Conv2d(2, 4, 3, padding=1, bias=False)
+        self.twice = nn.Conv2d(2 + 3 + 2, 4, 1, bias=False)
+
+    def forward(self, x0, x1, ctx):
+        a = torch.relu(self.conv(torch.cat([x0, ctx, x1], dim=1)))
+        b = self.grouped(torch.cat([x0, x1[:, :2]], dim=1))
+        c = self.linear(torch.cat([x0[:, 0], x1[:, 0], x1[:, 1]], dim=-1))
+        d = self.spatial(torch.cat([x0, x1[:, 1:]], dim=2))
+        e = self.twice(torch.cat([x0, x1, x0], dim=1))
+        return a.sum((2, 3)) + b.sum((2, 3)) + c.sum(1) + d.sum((2, 3)) + e.mean((2, 3))
+
+
+@pytest.mark.parametrize("exact_output", [True, False])
+def test_cat_fusion_variants(exact_output):
+    torch.manual_seed(3)
+    net = CatFusion().double().eval()
+    g = torch.Generator().manual_seed(4)
+    inputs = (torch.randn(2, 2, 8, 8, generator=g, dtype=torch.float64),
+              torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64),
+              torch.randn(2, 1, 8, 8, generator=g, dtype=torch.float64))
+    modalities = {"a": "x0", "b": "x1"}
+    reference = lmdfx.compile(net, modalities, optimize=False)(*inputs)
+    dec = lmdfx.compile(net, modalities, exact_output=exact_output)
+    assert uses_sliced_affine(dec)
+    result = dec(*inputs)
+    compare(reference, result, EXACT_TOL if exact_output else SUMMED_TOL)
+    if exact_output:
+        assert torch.equal(result.output, net(*inputs))
+
+
+OPS = ["conv", "bn", "in", "gn", "ln", "act", "maxpool_up", "avgpool_up", "residual", "cat_skip", "gate",
+       "scale", "pure_add", "channel_max", "mean_expand"]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(in_channels=st.lists(st.integers(1, 3), min_size=2, max_size=4),
+       fusion=st.sampled_from(["cat", "sum"]),
+       program=st.lists(st.tuples(st.sampled_from(OPS), st.integers(0, 20)), min_size=1, max_size=6),
+       encoders=st.booleans(), seed=st.integers(0, 2**16),
+       rules=st.builds(lmdfx.Rules, activation=st.sampled_from(["secant", "tangent"]),
+                       bias_split=st.sampled_from(["none", "sum", "ratio"]),
+                       norm=st.sampled_from(["ratio", "identity", "uniform"])))
+def test_random_fusion_nets_unchanged(in_channels, fusion, program, encoders, seed, rules):
+    net = make_program_net(in_channels, fusion, program, encoders, seed)
+    inputs = program_inputs(net, seed)
+    modalities = net.modality_args()
+    reference = lmdfx.compile(net, modalities, rules=rules, optimize=False, record="all")(*inputs)
+    optimised = lmdfx.compile(net, modalities, rules=rules, record="all")
+    if fusion == "cat":
+        assert uses_sliced_affine(optimised)
+    result = optimised(*inputs)
+    assert torch.equal(result.output, net(*inputs))
+    compare(reference, result, EXACT_TOL)
+    summed = lmdfx.compile(net, modalities, rules=rules, exact_output=False, record="all")(*inputs)
+    compare(reference, summed, SUMMED_TOL)
