@@ -96,6 +96,33 @@ def median_time(fn: Callable[[], Any], device: torch.device, repeats: int = 3, w
     return statistics.median(times)
 
 
+def interleaved_medians(fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int = 3,
+                        warmup: int = 1) -> dict[str, float]:
+    """Median wall time in seconds of each callable, measured round-robin (one call of each per
+    round) so that load from other processes on a shared machine hits all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    with torch.no_grad():
+        for _ in range(warmup):
+            for fn in fns.values():
+                fn()
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                synchronize(device)
+                start = time.perf_counter()
+                fn()
+                synchronize(device)
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def load_average() -> float:
+    """The 1-minute load average (other processes share the cores on a shared machine)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
 def _status_kb(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:

@@ -19,7 +19,8 @@ import torch
 
 import lmdfx
 
-from .common import (PostFusion, Table, base_parser, device_of, emit, median_time, peak_memory_mb,
+from .common import (PostFusion, Table, base_parser, device_of, emit, interleaved_medians, load_average,
+                     median_time, peak_memory_mb,
                      post_fusion_inputs, simplebev, simplebev_config)
 
 MODES = {  # name: compile options
@@ -57,45 +58,48 @@ def run(config_name: str, device: torch.device, repeats: int, compiled: bool, ba
     def forward():
         return model(**inputs)
 
-    result["forward_s"] = median_time(forward, device, repeats)
+    result["load_average_start"] = load_average()
+    decs = {name: _decomposer(model, modalities, **options) for name, options in MODES.items()}
+    decs["exact output, residual checks on"] = _decomposer(model, modalities, check=True)
+    fns = {"forward": forward, **{name: (lambda d: lambda: d(**inputs))(dec) for name, dec in decs.items()}}
+    times = interleaved_medians(fns, device, repeats)
+    result["forward_s"] = times["forward"]
     result["peak_mem_forward_mb"], result["memory_method"] = peak_memory_mb(forward, device)
+    mems = {name: peak_memory_mb(fns[name], device)[0] for name in MODES}
     rows = [["forward", result["forward_s"], 1.0, result["peak_mem_forward_mb"], 1.0]]
-    times, mems = {}, {}
-    for name, options in MODES.items():
-        dec = _decomposer(model, modalities, **options)
-        times[name] = median_time(lambda: dec(**inputs), device, repeats)
-        mems[name], _ = peak_memory_mb(lambda: dec(**inputs), device)
-        rows.append([f"decompose, {name}", times[name], times[name] / result["forward_s"], mems[name],
-                     mems[name] / result["peak_mem_forward_mb"]])
-        del dec
-    checked = _decomposer(model, modalities, check=True)
-    t_checked = median_time(lambda: checked(**inputs), device, repeats)
-    rows.append(["decompose, exact output, residual checks on", t_checked, t_checked / result["forward_s"], "", ""])
-    del checked
+    for name in decs:
+        mem = mems.get(name)
+        rows.append([f"decompose, {name}", times[name], times[name] / result["forward_s"],
+                     "" if mem is None else mem, "" if mem is None else mem / result["peak_mem_forward_mb"]])
+    del decs, fns
     result["decompose_s"] = times["exact output"]
     result["ratio"] = result["decompose_s"] / result["forward_s"]
     result["decompose_fast_s"] = times["fast (exact_output=False)"]
     result["ratio_fast"] = result["decompose_fast_s"] / result["forward_s"]
     result["decompose_unoptimised_s"] = times["unoptimised"]
     result["ratio_unoptimised"] = times["unoptimised"] / result["forward_s"]
-    result["decompose_checked_s"] = t_checked
+    result["decompose_checked_s"] = times["exact output, residual checks on"]
     result["peak_mem_decompose_mb"] = mems["exact output"]
     result["peak_mem_decompose_fast_mb"] = mems["fast (exact_output=False)"]
     result["peak_mem_decompose_unoptimised_mb"] = mems["unoptimised"]
     result["mem_ratio"] = result["peak_mem_decompose_mb"] / result["peak_mem_forward_mb"]
+    result["mem_ratio_fast"] = result["peak_mem_decompose_fast_mb"] / result["peak_mem_forward_mb"]
 
     # The post-fusion part alone: its inputs are the modalities, so every layer is mixed.
     post = PostFusion(model).eval()
     post_inputs = post_fusion_inputs(model, batch)
     post_modalities = {"camera": "feat_bev", "radar": "radar_bev"}
-    result["post_fusion_forward_s"] = median_time(lambda: post(**post_inputs), device, repeats)
+    post_decs = {name: _decomposer(post, post_modalities, **options) for name, options in MODES.items()}
+    post_fns = {"forward": lambda: post(**post_inputs),
+                **{name: (lambda d: lambda: d(**post_inputs))(dec) for name, dec in post_decs.items()}}
+    post_times = interleaved_medians(post_fns, device, repeats)
+    del post_decs, post_fns
+    result["post_fusion_forward_s"] = post_times["forward"]
     post_rows = [["post-fusion forward", result["post_fusion_forward_s"], 1.0]]
-    for name, options in MODES.items():
-        dec = _decomposer(post, post_modalities, **options)
-        t = median_time(lambda: dec(**post_inputs), device, repeats)
+    for name in MODES:
+        t = post_times[name]
         post_rows.append([f"post-fusion decompose, {name}", t, t / result["post_fusion_forward_s"]])
         result[f"post_fusion_decompose_{name.split()[0]}_s"] = t
-        del dec
     result["post_fusion_decompose_s"] = result["post_fusion_decompose_exact_s"]
     result["ratio_post_fusion"] = result["post_fusion_decompose_s"] / result["post_fusion_forward_s"]
     result["ratio_post_fusion_fast"] = result["post_fusion_decompose_fast_s"] / result["post_fusion_forward_s"]
@@ -126,6 +130,7 @@ def run(config_name: str, device: torch.device, repeats: int, compiled: bool, ba
                 result["ratio_fast_compiled"] = result["decompose_fast_compiled_s"] / t_fwd
     else:
         result["compiled_note"] = "skipped (--no-compiled)"
+    result["load_average_end"] = load_average()
     result["_tables"] = (rows, post_rows, compiled_rows)
     return result
 
@@ -143,7 +148,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               Table(["measurement", "median s", "× post-fusion forward"], post_rows)]
     if compiled_rows:
         tables.append(Table(["measurement", "median s", "× compiled forward"], compiled_rows))
-    notes = [f"memory: {result['memory_method']}; residual checks off unless stated",
+    notes = [f"memory: {result['memory_method']}; residual checks off unless stated; timings interleaved "
+             f"round-robin, 1-min load average {result['load_average_start']:.1f} at start, "
+             f"{result['load_average_end']:.1f} at end (2 cores shared with other processes)",
              f"targets: ratio <= 1.5 (got {result['ratio']:.2f}, fast {result['ratio_fast']:.2f}); "
              f"post-fusion <= {result['target_ratio_post_fusion']} (got {result['ratio_post_fusion']:.2f}, "
              f"fast {result['ratio_post_fusion_fast']:.2f}); memory <= 1.5x (got {result['mem_ratio']:.2f})"]
