@@ -1,0 +1,7 @@
+"""``python -m lmdfx``: the ``lmdfx`` command line (also what ``torchrun -m lmdfx`` runs)."""
+
+import sys
+
+from lmdfx.cli import main
+
+sys.exit(main())
