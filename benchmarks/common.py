@@ -192,7 +192,15 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's); 1 avoids oversubscription on a busy machine")
     return parser
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """Set torch's intra-op thread count from ``--threads`` when given."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
 
 @dataclass

@@ -28,7 +28,7 @@ from lmdfx.rules.activations import ElementwiseRule
 from lmdfx.rules.linear import AdditiveRule, AffineRule, IdentityRule, LinearRule
 from lmdfx.rules.norms import BatchNormRule, PerSampleNormRule
 
-from .common import (PostFusion, Table, base_parser, device_of, emit, interleaved_medians, load_average,
+from .common import (apply_threads, PostFusion, Table, base_parser, device_of, emit, interleaved_medians, load_average,
                      post_fusion_inputs, simplebev, simplebev_config)
 
 
@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--config", default="tiny", choices=("tiny", "cpu", "paper"))
     parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args(argv)
+    apply_threads(args)
     result = run(args.config, device_of(args.device), args.repeats, args.batch)
     f = result["forward_s"]
     rows = [["post-fusion forward", f, 1.0, ""],

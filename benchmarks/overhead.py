@@ -19,7 +19,7 @@ import torch
 
 import lmdfx
 
-from .common import (PostFusion, Table, base_parser, device_of, emit, interleaved_medians, load_average,
+from .common import (apply_threads, PostFusion, Table, base_parser, device_of, emit, interleaved_medians, load_average,
                      median_time, peak_memory_mb,
                      post_fusion_inputs, simplebev, simplebev_config)
 
@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--no-compiled", action="store_true", help="skip the inductor measurements")
     args = parser.parse_args(argv)
+    apply_threads(args)
     device = device_of(args.device)
     result = run(args.config, device, args.repeats, not args.no_compiled, args.batch)
     rows, post_rows, compiled_rows = result.pop("_tables")

@@ -1,0 +1,83 @@
+"""Each benchmark script runs on a tiny configuration and writes its JSON (timings are not
+checked here; see benchmarks/README.md), and Captum agrees with lmdfx on a bias-free ReLU net."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Smoke runs: one intra-op thread, so a busy shared machine does not oversubscribe."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_overhead_runs(tmp_path):
+    from benchmarks import overhead
+
+    path = tmp_path / "overhead.json"
+    result = overhead.main(["--config", "tiny", "--no-compiled", "--repeats", "1", "--json", str(path)])
+    saved = json.loads(path.read_text())
+    for key in ("forward_s", "decompose_s", "ratio", "ratio_compiled", "peak_mem_forward_mb",
+                "peak_mem_decompose_mb", "ratio_post_fusion", "ratio_fast"):
+        assert key in saved
+    assert result["ratio"] > 0 and result["forward_s"] > 0
+
+
+def test_naive_runs_and_agrees(tmp_path):
+    from benchmarks import naive
+
+    path = tmp_path / "naive.json"
+    result = naive.main(["--config", "tiny", "--repeats", "1", "--json", str(path)])
+    assert result["max_relative_difference"]["exact"] <= 1e-4  # also asserted inside the script
+    assert json.loads(path.read_text())["speedup"] > 0
+
+
+def test_naive_matches_lmdfx_in_float64():
+    import lmdfx
+    from benchmarks.common import PostFusion, post_fusion_inputs, simplebev, simplebev_config
+    from benchmarks.naive import NaiveLMD, max_relative_difference, stacked
+
+    model, _ = simplebev(simplebev_config("tiny"), torch.device("cpu"), dtype=torch.float64)
+    post = PostFusion(model).eval()
+    inputs = post_fusion_inputs(model)
+    modalities = {"camera": "feat_bev", "radar": "radar_bev"}
+    output, components = NaiveLMD(post, modalities)(**inputs)
+    res = lmdfx.compile(post, modalities)(**inputs)
+    assert max_relative_difference(res.components, stacked(components)) <= 1e-12
+    for key in output:
+        assert torch.equal(output[key], res.output[key])
+
+
+def test_captum_agrees_with_lmdfx_on_bias_free_relu():
+    pytest.importorskip("captum")
+    from benchmarks.captum_bench import check_agreement
+
+    agreement = check_agreement(size=8)
+    assert agreement["bias_component"] == 0.0
+    assert agreement["InputXGradient"] <= 1e-12
+    assert agreement["DeepLift"] <= 1e-12
+
+
+def test_captum_bench_runs(tmp_path):
+    pytest.importorskip("captum")
+    from benchmarks import captum_bench
+
+    path = tmp_path / "captum.json"
+    result = captum_bench.main(["--pixels", "4", "--chunk", "4", "--repeats", "1", "--json", str(path)])
+    assert result["speedup"] > 0 and path.exists()
+
+
+def test_scaling_runs_and_plots(tmp_path):
+    from benchmarks import scaling
+
+    png, path = tmp_path / "scaling.png", tmp_path / "scaling.json"
+    result = scaling.main(["--quick", "--repeats", "1", "--plot", str(png), "--json", str(path)])
+    assert png.stat().st_size > 0
+    assert [r["modalities"] for r in result["modalities"]] == [1, 2, 3]
