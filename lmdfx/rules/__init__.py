@@ -1,6 +1,6 @@
 """Decomposition rules, registered by canonical op (see ``registry``)."""
 
-from . import activations, linear, norms, products, selection, taylor  # noqa: F401  (registration)
+from . import activations, attention, linear, norms, products, selection, taylor  # noqa: F401  (registration)
 from .base import OpCall, Rule
 from .registry import FAMILIES, OPS, Rules, resolve
 

@@ -66,7 +66,13 @@ class OpCall:
 
 
 def lift(value: torch.Tensor, index: int, k: int) -> torch.Tensor:
-    """Stack ``value`` as component ``index`` of ``k`` components, zeros elsewhere."""
+    """Stack ``value`` as component ``index`` of ``k`` components, zeros elsewhere.
+
+    A multi-output value (a module's tuple, e.g. ``nn.MultiheadAttention``'s) is lifted per
+    tensor; ``None`` entries stay ``None``.
+    """
+    if not isinstance(value, torch.Tensor):
+        return pytree.tree_map(lambda v: lift(v, index, k) if isinstance(v, torch.Tensor) else v, value)
     zeros = torch.zeros_like(value)
     return torch.stack([value if i == index % k else zeros for i in range(k)])
 

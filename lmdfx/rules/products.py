@@ -2,8 +2,10 @@
 
 ``shapley``: x·y = Σ_k Σ_l x_k y_l; a term with k = l goes to k, a term with the bias goes to
 the other partner, a cross term of two modalities is split half-half — the exact Shapley split
-of the bilinear game with the bias as baseline. ``freeze``: the second operand is an
-operating-point constant, so the product is linear in the first.
+of the bilinear game with the bias as baseline. ``freeze``: one operand is an operating-point
+constant, so the product is linear in the other: the operand that is wholly in the bias
+component at the operating point (frozen softmax weights in P·V, a frozen gate), else the
+second one (Kᵀ in Q·Kᵀ, the gate in x·σ(g)).
 """
 
 from __future__ import annotations
@@ -48,9 +50,15 @@ class FreezeProductRule(_BinaryProduct):
     has_operating_point = True
 
     def operating_point(self, out, args, kwargs, stacked_args, stacked_kwargs):
-        _, _, second = self._bilinear(args, kwargs)
-        return {"second": second}
+        _, first, second = self._bilinear(args, kwargs)
+        _, x, y = self._bilinear(stacked_args, stacked_kwargs)
+        # Freezing an operand with no modality part (P = frozen softmax in P·V) keeps all of the
+        # other operand's components; freezing the other one would move everything to the bias.
+        freeze_first = not bool(x[:BIAS].any()) and bool(y[:BIAS].any())
+        return {"frozen": first if freeze_first else second, "first": freeze_first}
 
     def forward(self, constants: dict, args: tuple, kwargs: dict) -> torch.Tensor:
-        op, x, _ = self._bilinear(args, kwargs)
-        return torch.vmap(op, in_dims=(0, None))(x, constants["second"])
+        op, x, y = self._bilinear(args, kwargs)
+        if constants["first"]:
+            return torch.vmap(op, in_dims=(None, 0))(constants["frozen"], y)
+        return torch.vmap(op, in_dims=(0, None))(x, constants["frozen"])

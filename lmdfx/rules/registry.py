@@ -23,6 +23,9 @@ CHOICES: dict[str, str] = {
     "norm": "norm",
     "product": "product",
     "softmax": "softmax",
+    # Attention ops freeze or decompose their softmax weights like a softmax node does.
+    "sdpa": "softmax",
+    "multihead_attention": "softmax",
 }
 
 # Ops that multiply their operands: linear when one operand is decomposed, a product when two are.
