@@ -1,11 +1,13 @@
 """The compiler pipeline, one pass per module: trace -> normalize -> provenance ->
-assign_rules -> rewrite -> optimize."""
+assign_rules -> rewrite -> optimize (structural_zeros, dead-code elimination)."""
 
 from .assign_rules import assign_rules
 from .normalize import normalize
-from .optimize import optimize
+from .optimize import TrunkDispatch, optimize
 from .provenance import provenance
 from .rewrite import Layout, resolve_record, rewrite
+from .structural_zeros import structural_zeros
 from .trace import trace
 
-__all__ = ["trace", "normalize", "provenance", "assign_rules", "rewrite", "resolve_record", "optimize", "Layout"]
+__all__ = ["trace", "normalize", "provenance", "assign_rules", "rewrite", "resolve_record", "optimize",
+           "structural_zeros", "TrunkDispatch", "Layout"]
