@@ -284,3 +284,16 @@ def test_frozen_masks_come_from_the_operating_point():
     assert rows["gt"] == "frozen" and rows["argmax"] == "frozen"
     moved = dec(a, torch.randn_like(b), operating_point=res.operating_point)
     torch.testing.assert_close(moved.components[0], res.components[0], rtol=0, atol=0)
+
+
+def test_softmax_secant_with_an_infinite_mask_stays_finite_and_exact():
+    class Masked(nn.Module):
+        def forward(self, a, b):
+            mask = torch.tensor([0.0, float("-inf"), 0.0, 0.0], dtype=D)
+            return torch.softmax(a + b + mask, dim=-1)
+
+    a, b = torch.randn(2, 4, dtype=D), torch.randn(2, 4, dtype=D)
+    res = lmdfx.compile(Masked().eval(), {"a": "a", "b": "b"}, rules=lmdfx.Rules(softmax="secant"))(a, b)
+    assert torch.isfinite(res.components).all()
+    torch.testing.assert_close(res.components.sum(0), Masked()(a, b), rtol=0, atol=1e-12)
+    assert (res.components[:2, :, 1] == 0).all()

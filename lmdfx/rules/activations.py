@@ -49,14 +49,21 @@ class ElementwiseRule(Rule):
     """Shared machinery: slope and remainder from the operating point, optional bias split."""
 
     has_operating_point = True
+    # Where the slope is 0, give 0 even for an infinite input (an additive -inf mask before a
+    # softmax): 0 * inf would be NaN. Costs one more element-wise op, so only where needed.
+    guard_infinite = False
 
     def slope(self, reference: torch.Tensor, out: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         raise NotImplementedError
 
+    def scaled(self, slope: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        product = x * slope
+        return torch.where(slope == 0, torch.zeros_like(product), product) if self.guard_infinite else product
+
     def operating_point(self, out, args, kwargs, stacked_args, stacked_kwargs):
         reference = first_decomposed(args, kwargs, self.call.decomposed)
         slope = self.slope(reference, out, args, kwargs)
-        constants = {"slope": slope, "remainder": out - slope * reference}
+        constants = {"slope": slope, "remainder": out - self.scaled(slope, reference)}
         split = self.options.bias_split
         if split != "none":
             constants["shares"] = bias_shares(first_decomposed(stacked_args, stacked_kwargs, self.call.decomposed), split)
@@ -66,11 +73,10 @@ class ElementwiseRule(Rule):
         stack = first_decomposed(args, kwargs, self.call.decomposed)
         if "shares" in constants:
             stack = stack + constants["shares"] * stack[BIAS]
-        return add_to_bias(stack * constants["slope"], constants["remainder"])
+        return add_to_bias(self.scaled(constants["slope"], stack), constants["remainder"])
 
 
 @register("activation", "secant", ops=ACTIVATIONS)
-@register("softmax", "secant")
 class SecantRule(ElementwiseRule):
     """c = (O − f(0)) / A where |A| > eps, else 0: the slope of the segment from (0, f(0)) to
     (A, O). For activations through the origin (ReLU, GELU, SiLU, tanh, ...) this is the
@@ -87,6 +93,13 @@ class SecantRule(ElementwiseRule):
         large = reference.abs() > self.options.eps
         safe = torch.where(large, reference, torch.ones_like(reference))
         return torch.where(large, rise / safe, torch.zeros_like(out))
+
+
+@register("softmax", "secant")
+class SoftmaxSecantRule(SecantRule):
+    """Secant slopes for softmax; masked (-inf) inputs get slope 0 and contribute nothing."""
+
+    guard_infinite = True
 
 
 @register("activation", "tangent")
@@ -117,4 +130,4 @@ class FreezeRule(Rule):
         return lift(constants["value"], BIAS, like.shape[0])
 
 
-__all__ = ["SecantRule", "TangentRule", "FreezeRule", "bias_shares"]
+__all__ = ["SecantRule", "SoftmaxSecantRule", "TangentRule", "FreezeRule", "bias_shares"]
