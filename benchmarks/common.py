@@ -97,10 +97,16 @@ def median_time(fn: Callable[[], Any], device: torch.device, repeats: int = 3, w
 
 
 def interleaved_medians(fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int = 3,
-                        warmup: int = 1) -> dict[str, float]:
+                        warmup: int = 1, cpu_times: dict[str, float] | None = None) -> dict[str, float]:
     """Median wall time in seconds of each callable, measured round-robin (one call of each per
-    round) so that load from other processes on a shared machine hits all of them alike."""
+    round) so that load from other processes on a shared machine hits all of them alike.
+
+    If ``cpu_times`` is given it receives the median CPU time of this process per call
+    (``time.process_time``: all threads, only while scheduled), which other processes on a
+    shared machine disturb far less than wall time.
+    """
     times: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
     with torch.no_grad():
         for _ in range(warmup):
             for fn in fns.values():
@@ -108,10 +114,13 @@ def interleaved_medians(fns: dict[str, Callable[[], Any]], device: torch.device,
         for _ in range(repeats):
             for name, fn in fns.items():
                 synchronize(device)
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 fn()
                 synchronize(device)
                 times[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+    if cpu_times is not None:
+        cpu_times.update({name: statistics.median(values) for name, values in cpu.items()})
     return {name: statistics.median(values) for name, values in times.items()}
 
 
