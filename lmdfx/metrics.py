@@ -312,10 +312,13 @@ def evaluate(
     gt_key: str = "vehicle_gt",
     valid_key: Optional[str] = "valid_mask",
     progress: bool = False,
+    on_reference: Optional[Callable[[int, Any, Any], None]] = None,
 ) -> Evaluation:
     """One pass over ``dataset``: :func:`perturbation_matrix` and/or :func:`component_iou`.
 
-    The reference call of each sample serves both. See those functions for the arguments.
+    The reference call of each sample serves both; ``on_reference(k, item, decomposition)`` is
+    called with it (on this rank's samples), e.g. to keep maps for figures. See those functions
+    for the other arguments.
     """
     n = _check_dataset(dataset)
     make = _Inputs(dec, to_inputs, batched)
@@ -344,6 +347,8 @@ def evaluate(
         with torch.no_grad():
             ref = dec(**base)
         comps = _select(ref.components, head)
+        if on_reference is not None:
+            on_reference(k, item, ref)
         if iou:
             if not isinstance(item, Mapping) or gt_key not in item:
                 raise LMDError(f"component IoU needs ground truth {gt_key!r} in each dataset item; item {k} has "
@@ -472,6 +477,7 @@ def modality_shapley(
     head: Any = "segmentation",
     per_pixel: bool = True,
     modalities: Optional[Mapping[str, str]] = None,
+    batch: bool = True,
 ) -> ShapleyResult:
     """Exact Shapley values of the modalities for ``head`` of the model's output (2^M forward passes).
 
@@ -479,8 +485,10 @@ def modality_shapley(
     argument of ``baseline``, a dict of forward arguments of a reference sample. ``dec`` is a
     Decomposer (its model and modalities are used) or an ``nn.Module`` with ``modalities`` given.
     ``inputs`` are forward keyword arguments as the model takes them (batched). ``per_pixel=False``
-    sums each modality's values over all output elements. Computed in float64 from the model's
-    outputs.
+    sums each modality's values over all output elements. ``batch``: run the 2^M coalitions as one
+    forward pass stacked along the batch axis when every tensor argument shares its leading size
+    (the model must treat batch entries independently, as eval-mode models do). Computed in float64
+    from the model's outputs.
     """
     if isinstance(dec, nn.Module):
         model = dec
@@ -509,14 +517,29 @@ def modality_shapley(
     else:
         raise LMDError(f"baseline must be 'zeros' or a dict of forward arguments, got {type(baseline).__name__}.")
     m = len(params)
+    coalitions = []
+    for mask in range(2 ** m):
+        args = dict(inputs)
+        for i, p in enumerate(params):
+            if not mask >> i & 1:
+                args[p] = base[p]
+        coalitions.append(args)
     values: dict[int, torch.Tensor] = {}
+    tensors = [v for v in inputs.values() if isinstance(v, torch.Tensor)]
+    sizes = {t.shape[0] if t.dim() else None for t in tensors} | {
+        v.shape[0] if v.dim() else None for v in base.values()}
     with torch.no_grad():
-        for mask in range(2 ** m):
-            args = dict(inputs)
-            for i, p in enumerate(params):
-                if not mask >> i & 1:
-                    args[p] = base[p]
-            values[mask] = _select(model(**args), head).detach().to(torch.float64)
+        if batch and len(sizes) == 1 and None not in sizes:
+            # one forward pass with the coalitions stacked along the batch axis
+            b = sizes.pop()
+            stacked = {k: torch.cat([c[k] for c in coalitions]) if isinstance(v, torch.Tensor) else v
+                       for k, v in inputs.items()}
+            out = _select(model(**stacked), head).detach().to(torch.float64)
+            for mask in range(2 ** m):
+                values[mask] = out[mask * b:(mask + 1) * b]
+        else:
+            for mask, args in enumerate(coalitions):
+                values[mask] = _select(model(**args), head).detach().to(torch.float64)
     phi = torch.zeros(m, *values[0].shape, dtype=torch.float64, device=values[0].device)
     for i in range(m):
         for mask in range(2 ** m):

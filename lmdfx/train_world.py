@@ -15,7 +15,7 @@ import argparse
 import math
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,23 +49,39 @@ def _backbone_features(encoder: nn.Module, images: torch.Tensor, mean: torch.Ten
     return encoder.upsampling_layer(encoder.layer3(x1), x1)
 
 
+def _seen_mask(scene: Any, sensor: str) -> torch.Tensor:
+    """[1, Z, X] footprints of the vehicles that ``sensor`` saw."""
+    mask = torch.zeros(scene.vehicle_gt.shape, dtype=torch.bool)
+    for obj in scene.objects:
+        if sensor in obj.seen_by:
+            mask[0] |= torch.from_numpy(obj.mask)
+    return mask.float()
+
+
 def _collect(model: nn.Module, world: SensorWorld, batch: int, progress: bool) -> dict[str, torch.Tensor]:
-    feats, radar, gt, valid = [], [], [], []
+    keys = ("features", "radar_bev", "vehicle_gt", "valid_mask", "camera_seen", "radar_seen")
+    parts: dict[str, list] = {k: [] for k in keys}
     chunks = range(0, len(world), batch)
     if progress:
         from tqdm import tqdm
 
         chunks = tqdm(chunks, desc=f"features (seed {world.seed})", unit="batch", leave=False)
     for start in chunks:
-        items = [world[i] for i in range(start, min(start + batch, len(world)))]
-        images = torch.stack([it["images"] for it in items])
-        feats.append(_backbone_features(model.encoder, images, model.mean, model.std)
-                     .reshape(len(items), -1, *_backbone_shape(model)))
-        radar.append(torch.stack([it["radar_bev"] for it in items]))
-        gt.append(torch.stack([it["vehicle_gt"] for it in items]))
-        valid.append(torch.stack([it["valid_mask"] for it in items]))
-    return {"features": torch.cat(feats), "radar_bev": torch.cat(radar), "vehicle_gt": torch.cat(gt),
-            "valid_mask": torch.cat(valid)}
+        scenes = [world.scene(i) for i in range(start, min(start + batch, len(world)))]
+        images = torch.stack([sc.inputs["images"] for sc in scenes])
+        parts["features"].append(_backbone_features(model.encoder, images, model.mean, model.std)
+                                 .reshape(len(scenes), -1, *_backbone_shape(model)))
+        parts["radar_bev"].append(torch.stack([sc.inputs["radar_bev"] for sc in scenes]))
+        parts["vehicle_gt"].append(torch.stack([sc.vehicle_gt for sc in scenes]))
+        parts["valid_mask"].append(torch.stack([sc.valid_mask for sc in scenes]))
+        parts["camera_seen"].append(torch.stack([_seen_mask(sc, "camera") for sc in scenes]))
+        parts["radar_seen"].append(torch.stack([_seen_mask(sc, "radar") for sc in scenes]))
+    data = {k: torch.cat(v) for k, v in parts.items()}
+    # backbone features of blank (mid-grey) images: what the camera sees when it is dropped
+    blank = torch.zeros(1, model.config.num_cameras, 3, *model.config.image_size)
+    data["blank_features"] = _backbone_features(model.encoder, blank, model.mean, model.std).reshape(
+        1, -1, *_backbone_shape(model))
+    return data
 
 
 def _backbone_shape(model: nn.Module) -> tuple[int, int, int]:
@@ -73,15 +89,22 @@ def _backbone_shape(model: nn.Module) -> tuple[int, int, int]:
     return (model.encoder.depth_layer.in_channels, hf, wf)
 
 
-def _forward(model: nn.Module, cache: _CachedFeatures, data: dict, idx: torch.Tensor, world: SensorWorld) -> dict:
+def _forward(model: nn.Module, cache: _CachedFeatures, data: dict, idx: torch.Tensor, world: SensorWorld,
+             drop_camera: Optional[torch.Tensor] = None, drop_radar: Optional[torch.Tensor] = None) -> dict:
     cfg = model.config
     b = len(idx)
-    cache.features = data["features"][idx].reshape(-1, *_backbone_shape(model))
+    feats = data["features"][idx]
+    radar = data["radar_bev"][idx]
+    if drop_camera is not None:
+        feats = torch.where(drop_camera.reshape(b, 1, 1, 1, 1), data["blank_features"], feats)
+    if drop_radar is not None:
+        radar = radar * (~drop_radar).reshape(b, 1, 1, 1).to(radar.dtype)
+    cache.features = feats.reshape(-1, *_backbone_shape(model))
     # the real forward runs from depth_layer on; images only fix the batch size here
     images = torch.zeros(b, cfg.num_cameras, 3, *cfg.image_size)
     grid = world.rig.lift_grid.expand(b, *world.rig.lift_grid.shape)
     valid = world.rig.lift_valid.expand(b, *world.rig.lift_valid.shape)
-    return model(images=images, lift_grid=grid, lift_valid=valid, radar_bev=data["radar_bev"][idx])
+    return model(images=images, lift_grid=grid, lift_valid=valid, radar_bev=radar)
 
 
 def _loss(logits: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -100,19 +123,23 @@ def _iou(model: nn.Module, cache: _CachedFeatures, data: dict, world: SensorWorl
     return meter.compute()
 
 
-def train(out: str = str(WORLD_WEIGHTS), scenes: int = 384, val_scenes: int = 64, steps: int = 600,
-          batch: int = 8, lr: float = 2e-3, seed: int = 0, init_seed: int = 0, progress: bool = True,
-          log=print) -> nn.Module:
+def train(out: str = str(WORLD_WEIGHTS), scenes: int = 320, val_scenes: int = 64, steps: int = 800,
+          batch: int = 8, lr: float = 2e-3, seed: int = 0, init_seed: int = 0, sensor_dropout: float = 0.4,
+          p_camera_only: float = 0.3, p_radar_only: float = 0.15, progress: bool = True, log=print) -> nn.Module:
     """Train the world model on ``scenes`` scenes of seed ``seed`` and save it to ``out``.
 
-    Validation IoU is measured on ``val_scenes`` scenes of seed ``seed + 1``. Returns the model.
+    ``sensor_dropout``: chance per sample that one sensor (camera or radar, evenly) is blanked.
+    ``p_camera_only``/``p_radar_only``: visibility mix of the training scenes (camera-only vehicles
+    are the hardest, so they are over-represented). Validation IoU is measured on ``val_scenes``
+    default-mix scenes of seed ``seed + 1``. Returns the model.
     """
     start = time.time()
     torch.manual_seed(seed)
     config = world_config()
     model = _world_model(config, init_seed).eval()
-    train_world, val_world = SensorWorld(scenes, seed=seed, config=config), SensorWorld(val_scenes, seed=seed + 1,
-                                                                                       config=config)
+    train_world = SensorWorld(scenes, seed=seed, config=config, p_camera_only=p_camera_only,
+                              p_radar_only=p_radar_only)
+    val_world = SensorWorld(val_scenes, seed=seed + 1, config=config)
     train_data = _collect(model, train_world, 16, progress)
     val_data = _collect(model, val_world, 16, progress)
     log(f"backbone features for {scenes} + {val_scenes} scenes: {time.time() - start:.0f} s")
@@ -137,8 +164,15 @@ def train(out: str = str(WORLD_WEIGHTS), scenes: int = 384, val_scenes: int = 64
     running = None
     for step in loop:
         idx = torch.randint(0, scenes, (batch,), generator=gen)
-        out_heads = _forward(model, cache, train_data, idx, train_world)
-        loss = _loss(out_heads["segmentation"], train_data["vehicle_gt"][idx], train_data["valid_mask"][idx])
+        # sensor dropout: a dropped sensor's vehicles that only it saw leave the loss, so each
+        # sensor learns to find vehicles alone
+        u = torch.rand(batch, generator=gen)
+        drop_camera, drop_radar = u < sensor_dropout / 2, u > 1 - sensor_dropout / 2
+        out_heads = _forward(model, cache, train_data, idx, train_world, drop_camera, drop_radar)
+        gt, valid = train_data["vehicle_gt"][idx], train_data["valid_mask"][idx]
+        keep = torch.where(drop_camera.reshape(-1, 1, 1, 1), train_data["radar_seen"][idx],
+                           torch.where(drop_radar.reshape(-1, 1, 1, 1), train_data["camera_seen"][idx], gt))
+        loss = _loss(out_heads["segmentation"], gt, valid * (1 - gt * (1 - keep)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -146,6 +180,8 @@ def train(out: str = str(WORLD_WEIGHTS), scenes: int = 384, val_scenes: int = 64
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
         if progress and step % 10 == 0:
             loop.set_postfix(loss=f"{running:.3f}")
+        elif not progress and (step + 1) % 100 == 0:
+            log(f"step {step + 1}/{steps}: loss {running:.3f} ({time.time() - start:.0f} s)")
     val_iou = _iou(model, cache, val_data, val_world)
     train_iou = _iou(model, cache, train_data, train_world)
     model.encoder = encoder
@@ -153,6 +189,7 @@ def train(out: str = str(WORLD_WEIGHTS), scenes: int = 384, val_scenes: int = 64
         p.requires_grad_(True)
     seconds = time.time() - start
     meta = {"steps": steps, "batch": batch, "lr": lr, "train_scenes": scenes, "train_seed": seed,
+            "sensor_dropout": sensor_dropout, "p_camera_only": p_camera_only, "p_radar_only": p_radar_only,
             "val_scenes": val_scenes, "val_seed": seed + 1, "final_loss": running, "train_iou": train_iou,
             "val_iou": val_iou, "seconds": round(seconds, 1), "torch": str(torch.__version__)}
     save_world_weights(model, out, init_seed, meta)
@@ -165,16 +202,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command line: ``python -m lmdfx.train_world [--out PATH] [--steps N] ...``."""
     parser = argparse.ArgumentParser(prog="python -m lmdfx.train_world", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(WORLD_WEIGHTS), help="where to write the weights (default: the shipped file)")
-    parser.add_argument("--scenes", type=int, default=384, help="training scenes (seed --seed)")
+    parser.add_argument("--scenes", type=int, default=320, help="training scenes (seed --seed)")
     parser.add_argument("--val-scenes", type=int, default=64, help="validation scenes (seed --seed + 1)")
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--sensor-dropout", type=float, default=0.4, help="chance a sample loses one sensor")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     train(args.out, args.scenes, args.val_scenes, args.steps, args.batch, args.lr, args.seed,
-          progress=not args.no_progress and sys.stderr.isatty())
+          sensor_dropout=args.sensor_dropout, progress=not args.no_progress and sys.stderr.isatty())
     return 0
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -53,7 +53,7 @@ RADAR_Y = 1.0
 #: Time between radar sweeps in seconds (nuScenes radars run at ~13 Hz).
 SWEEP_DT = 0.075
 #: Fewest visible pixels (over all cameras) for a vehicle to count as seen by the camera.
-MIN_CAMERA_PIXELS = 6
+MIN_CAMERA_PIXELS = 24
 
 _PALETTE = np.array([
     [0.85, 0.10, 0.10], [0.10, 0.25, 0.85], [0.95, 0.80, 0.05], [0.05, 0.65, 0.20],
@@ -64,9 +64,10 @@ _PALETTE = np.array([
 def world_config(**overrides: Any) -> SimpleBEVConfig:
     """The sensor world's SimpleBEV config: tiny() with 64x128 images and a 40 m x 40 m grid.
 
-    32 x 4 x 32 voxels of 1.25 m x 2.5 m x 1.25 m, ResNet-18 encoder, latent 16, camera + metaradar.
+    32 x 8 x 32 voxels of 1.25 m (8 height bins as in SimpleBEV), ResNet-18 encoder, latent 16,
+    camera + metaradar.
     """
-    base = dict(image_size=(64, 128), bounds=(-20.0, 20.0, -4.0, 6.0, -20.0, 20.0))
+    base = dict(image_size=(64, 128), grid=(32, 8, 32), bounds=(-20.0, 20.0, -4.0, 6.0, -20.0, 20.0))
     base.update(overrides)
     return SimpleBEVConfig.tiny(**base)
 
@@ -485,13 +486,14 @@ def shapley_maps(dec: Any, head: str = "segmentation", baseline: Any = "zeros") 
     return maps
 
 
-def attribution_score(maps: Callable[[dict[str, torch.Tensor]], torch.Tensor], world: SensorWorld,
-                      indices: Optional[Sequence[int]] = None, names: Optional[Sequence[str]] = None,
-                      progress: bool = False) -> AttributionScore:
+def attribution_score(maps: Callable[[dict[str, torch.Tensor]], torch.Tensor] | Mapping[int, torch.Tensor],
+                      world: SensorWorld, indices: Optional[Sequence[int]] = None,
+                      names: Optional[Sequence[str]] = None, progress: bool = False) -> AttributionScore:
     """Score a per-modality attribution on the world's single-sensor vehicles.
 
     ``maps(inputs)`` returns per-modality maps [M, Z, X] for one scene's forward arguments (no
-    batch dim), e.g. :func:`lmd_maps` (LMD components) or :func:`shapley_maps`. For each vehicle
+    batch dim), e.g. :func:`lmd_maps` (LMD components) or :func:`shapley_maps`; or ``maps`` is a
+    dict {scene index: [M, Z, X]} of precomputed maps (``indices`` default to its keys). For each vehicle
     seen by exactly one sensor, the dominant modality is the one with the largest positive mean
     over the vehicle's cells; the score is the fraction of such vehicles whose dominant modality
     is the sensor that saw it. ``names`` (default ``maps.names``) are the modality names in map
@@ -502,7 +504,8 @@ def attribution_score(maps: Callable[[dict[str, torch.Tensor]], torch.Tensor], w
     if missing:
         raise LMDError(f"attribution_score needs maps for the sensors {SENSORS}; the maps are named {names}. "
                        "Pass names= in the order of the maps' first axis.")
-    indices = range(len(world)) if indices is None else indices
+    if indices is None:
+        indices = sorted(maps) if isinstance(maps, Mapping) else range(len(world))
     iterator = indices
     if progress:
         from tqdm import tqdm
@@ -514,7 +517,7 @@ def attribution_score(maps: Callable[[dict[str, torch.Tensor]], torch.Tensor], w
         singles = [(j, o) for j, o in enumerate(scene.objects) if o.single_sensor is not None and o.mask.any()]
         if not singles:
             continue
-        values = maps(scene.inputs)
+        values = maps[int(k)] if isinstance(maps, Mapping) else maps(scene.inputs)
         if values.shape[0] != len(names):
             raise LMDError(f"maps returned {values.shape[0]} maps but {len(names)} names were given.")
         for j, obj in singles:

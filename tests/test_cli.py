@@ -1,0 +1,162 @@
+"""The lmdfx command: the demo end to end, inspect, evaluate on the sensor world and on a tiny
+nuScenes-format dataset, and one-line errors (exit status 2) for bad arguments."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmdfx.cli import main
+from lmdfx.weights import WORLD_WEIGHTS
+
+PNG = b"\x89PNG\r\n\x1a\n"
+ENV = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+
+
+def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lmdfx", *args], capture_output=True, text=True, timeout=timeout,
+                          env=ENV)
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+@pytest.mark.skipif(not WORLD_WEIGHTS.is_file(), reason="shipped world weights missing")
+def test_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    start = time.time()
+    proc = _run("demo", "--out", str(out), "--no-progress")
+    seconds = time.time() - start
+    assert proc.returncode == 0, proc.stderr
+    assert seconds < 60, f"lmdfx demo took {seconds:.0f} s"
+    for name in ("components_scene0.png", "components_scene1.png", "layer_energy.png", "gradcam_scene0.png"):
+        assert (out / name).read_bytes()[:8] == PNG, name
+    report = (out / "report.md").read_text()
+    for needle in ("Cp/R", "Rp/C", "vehicle IoU", "LMD components", "Shapley", "components_scene0.png"):
+        assert needle in report
+    record = json.loads((out / "report.json").read_text())
+    pcc, mse = record["separation"]["pcc"], record["separation"]["mse"]
+    assert pcc[0][1] > 1 - 1e-6 and pcc[1][0] > 1 - 1e-6  # frozen operating point: exact separation
+    assert mse[0][1] < 1e-8 and mse[1][0] < 1e-8
+    assert pcc[0][0] < 0.95 and pcc[1][1] < 0.95
+    assert record["attribution"]["lmd"]["total"] > 0
+    assert set(record["component_iou"]["iou"]) == {"camera", "radar", "bias", "full"}
+    assert "Rp/C" in proc.stdout
+
+
+def test_inspect_builtin_and_factory(tmp_path, monkeypatch, capsys):
+    assert main(["inspect", "simplebev-tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "fusion nodes" in out and "bev_compressor" in out
+    (tmp_path / "my_models.py").write_text(
+        "import torch\n"
+        "from torch import nn\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.mix = nn.Conv2d(2, 1, 1)\n"
+        "    def forward(self, a, b):\n"
+        "        return self.mix(torch.cat([a, b], 1))\n"
+        "def make():\n"
+        "    return Net(), {'left': 'a', 'right': 'b'}\n"
+        "def bad():\n"
+        "    return 3\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["inspect", "my_models:make"]) == 0
+    assert "mix" in capsys.readouterr().out
+    assert main(["inspect", "my_models:bad"]) == 2
+    assert "nn.Module" in _error_line(capsys)
+    assert main(["inspect", "my_models:missing"]) == 2
+    assert "no callable 'missing'" in _error_line(capsys)
+    assert main(["inspect", "no_such_module_xyz:make"]) == 2
+    assert "cannot import" in _error_line(capsys)
+
+
+def test_evaluate_world_writes_json_and_markdown(tmp_path, capsys):
+    out = tmp_path / "ev"
+    code = main(["evaluate", "--model", "simplebev-tiny", "--world", "--limit", "3", "--shift", "1", "--repeats", "1",
+                 "--out", str(out), "--no-progress"])
+    assert code == 0
+    record = json.loads((out / "evaluation.json").read_text())
+    assert record["samples"] == 3 and record["processes"] == 1
+    assert record["separation"]["pairs"] == 3
+    assert record["separation"]["pcc"][0][1] == pytest.approx(1.0, abs=1e-9)
+    assert record["separation"]["mse"][1][0] == pytest.approx(0.0, abs=1e-12)
+    md = (out / "evaluation.md").read_text()
+    assert "Cp/C" in md and "vehicle IoU" in md and "simplebev-tiny" in md
+    assert "Rp/R" in capsys.readouterr().out
+
+
+def test_evaluate_nuscenes_with_checkpoint(tmp_path, capsys):
+    pytest.importorskip("nuscenes")
+    from lmdfx.data.nuscenes_synthetic import write_tiny_nuscenes
+    from lmdfx.models.simplebev import SimpleBEV, SimpleBEVConfig
+
+    root = tmp_path / "nusc"
+    write_tiny_nuscenes(str(root), version="v1.0-mini", scenes=2, samples_per_scene=2)
+    torch.manual_seed(1)
+    ckpt = tmp_path / "model.pth"
+    torch.save({"model_state_dict": SimpleBEV(SimpleBEVConfig.tiny()).state_dict()}, ckpt)
+    out = tmp_path / "ev"
+    code = main(["evaluate", "--model", "simplebev-tiny", "--checkpoint", str(ckpt), "--nuscenes", str(root),
+                 "--version", "v1.0-mini", "--split", "mini_train", "--shift", "1", "--repeats", "1",
+                 "--out", str(out), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((out / "evaluation.json").read_text())
+    assert record["samples"] == 2 and "v1.0-mini mini_train" in record["data"]
+    assert record["separation"]["pcc"][1][0] == pytest.approx(1.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--model", "nope", "--world"], "unknown model 'nope'"),
+    (["--model", "simplebev-tiny", "--nuscenes", "/no/such/dataroot"], "does not exist"),
+    (["--model", "simplebev-tiny", "--nuscenes", "{tmp}", "--version", "v9.9"], "unknown nuScenes version 'v9.9'"),
+    (["--model", "simplebev-tiny", "--nuscenes", "{tmp}", "--version", "v1.0-mini", "--split", "mini_train"],
+     "not found in"),
+    (["--model", "simplebev-tiny", "--nuscenes", "{tmp}", "--split", "mini_val"], "does not belong"),
+    (["--model", "simplebev-tiny", "--world", "--checkpoint", "{tmp}/missing.pth"], "does not exist"),
+    (["--model", "simplebev-tiny", "--world", "--checkpoint", "{tmp}/lidar.pth"], "does not match"),
+    (["--model", "simplebev-tiny", "--world", "--checkpoint", "{tmp}/junk.pth"], "model_state_dict"),
+    (["--model", "simplebev-tiny", "--world", "--limit", "2", "--shift", "2", "--repeats", "1"], "onto itself"),
+    (["--model", "simplebev-tiny", "--world", "--device", "tpu"], "--device"),
+])
+def test_evaluate_errors_are_one_line(tmp_path, capsys, args, needle):
+    from lmdfx.models.simplebev import SimpleBEV, SimpleBEVConfig
+
+    torch.save({"model_state_dict": SimpleBEV(SimpleBEVConfig.tiny(modalities=("camera", "lidar"))).state_dict()},
+               tmp_path / "lidar.pth")
+    torch.save({"weights": 1}, tmp_path / "junk.pth")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    code = main(["evaluate", *args, "--out", str(tmp_path / "out"), "--no-progress"])
+    assert code == 2
+    assert needle in _error_line(capsys)
+
+
+def test_argument_errors_exit_2(capsys):
+    for argv in (["evaluate", "--model", "simplebev-tiny", "--out", "x"],  # neither --nuscenes nor --world
+                 ["evaluate", "--model", "simplebev-tiny", "--world", "--limit", "0", "--out", "x"],
+                 ["evaluate", "--model", "m", "--world", "--nuscenes", "d", "--out", "x"],
+                 ["frobnicate"]):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2
+        _error_line(capsys)
+
+
+def test_console_entry_reports_errors_without_traceback(tmp_path):
+    proc = _run("evaluate", "--model", "nope", "--world", "--out", str(tmp_path))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith("lmdfx evaluate: error: unknown model") and "Traceback" not in proc.stderr
+    assert not Path(tmp_path, "evaluation.json").exists()
