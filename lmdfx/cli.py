@@ -31,8 +31,9 @@ def _simplebev(config_fn: Callable[[], Any]) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         from lmdfx.models.simplebev import SimpleBEV
 
-        torch.manual_seed(0)  # random weights are reproducible until a checkpoint replaces them
-        return SimpleBEV(config_fn())
+        with torch.random.fork_rng():  # reproducible random weights, the caller's RNG untouched
+            torch.manual_seed(0)
+            return SimpleBEV(config_fn())
 
     return build
 
@@ -383,7 +384,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         if k == 0:
             figures.append(viz.layer_energy(res, out / "layer_energy.png", title="component energy per layer, scene 0"))
             inputs = {key: v[None] for key, v in scene.inputs.items()}
-            figures.append(viz.gradcam_figure(dec, inputs, "decoder.layer1", out / "gradcam_scene0.png",
+            figures.append(viz.gradcam_figure(dec, inputs, "decoder.up1_skip", out / "gradcam_scene0.png",
                                               gt=scene.vehicle_gt[None]))
     timings["figures"] = time.time() - t
     timings["total"] = time.time() - t0
