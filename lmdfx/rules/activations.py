@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import BIAS, Rule, add_to_bias, first_decomposed, lift
+from .base import BIAS, Rule, add_to_bias_, first_decomposed, lift
 from .registry import register
 
 ACTIVATIONS = (
@@ -73,7 +73,7 @@ class ElementwiseRule(Rule):
         stack = first_decomposed(args, kwargs, self.call.decomposed)
         if "shares" in constants:
             stack = stack + constants["shares"] * stack[BIAS]
-        return add_to_bias(self.scaled(constants["slope"], stack), constants["remainder"])
+        return add_to_bias_(self.scaled(constants["slope"], stack), constants["remainder"])
 
 
 @register("activation", "secant", ops=ACTIVATIONS)

@@ -98,6 +98,17 @@ def add_to_bias(stack: torch.Tensor, constant: torch.Tensor | float) -> torch.Te
     return torch.cat([stack[:BIAS], bias.unsqueeze(0)])
 
 
+def add_to_bias_(stack: torch.Tensor, constant: torch.Tensor | float) -> torch.Tensor:
+    """``add_to_bias`` in place, for a stack the caller has just computed and owns: it saves
+    copying the M modality components (a concatenation) on every affine rule."""
+    bias = stack[BIAS]
+    if isinstance(constant, torch.Tensor) and (
+            torch.broadcast_shapes(bias.shape, constant.shape) != bias.shape or constant.dtype != bias.dtype):
+        return add_to_bias(stack, constant)
+    bias.add_(constant)
+    return stack
+
+
 def bind(params: tuple[tuple[str, Any], ...], args: tuple, kwargs: dict) -> dict[str, Any]:
     """Bind a call's arguments to parameter names; ``params`` is ((name, default), ...)."""
     bound = {name: default for name, default in params}

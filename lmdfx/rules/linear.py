@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
-from .base import NodeRef, OpCall, Rule, add_to_bias, as_bias_stack, bind, first_decomposed
+from .base import NodeRef, OpCall, Rule, add_to_bias_, as_bias_stack, bind, first_decomposed
 from .registry import register
 
 # Ops linear in their decomposed input, with every other argument a constant.
@@ -25,6 +25,13 @@ STRUCTURAL = (
     "type", "type_as", "real", "T", "mT", "unfold", "fold", "as_strided", "trace",
     "div", "mul", "matmul", "mm", "bmm", "einsum", "outer", "tensordot", "dot",
 )
+# Ops whose input is [N, C, *spatial] with N a batch axis, and its spatial rank (0: any, the
+# op requires the batch axis); LinearRule folds the component axis into N for them.
+_BATCH_FIRST = {
+    "interpolate": 0, "upsample": 0, "upsample_bilinear": 0, "upsample_nearest": 0,
+    "avg_pool1d": 1, "avg_pool2d": 2, "avg_pool3d": 3,
+    "adaptive_avg_pool1d": 1, "adaptive_avg_pool2d": 2, "adaptive_avg_pool3d": 3,
+}
 IDENTITY = ("contiguous", "clone", "detach", "identity", "dropout", "alpha_dropout", "feature_alpha_dropout",
             "dropout1d", "dropout2d", "dropout3d", "positive", "resolve_conj", "resolve_neg")
 ADDITIVE = ("add", "sub", "rsub", "cat", "concat", "concatenate", "stack", "hstack", "vstack", "where")
@@ -47,6 +54,14 @@ class LinearRule(Rule):
         return True
 
     def forward(self, constants: Any, args: tuple, kwargs: dict) -> Any:
+        spatial = _BATCH_FIRST.get(self.call.op)
+        if spatial is not None and args and self.call.decomposed[0] and self.call.n_decomposed == 1:
+            stack = args[0]
+            # [K, N, C, *spatial]: fold the components into the batch axis (one kernel call, no
+            # vmap permute-and-copy). Unbatched inputs ([K, C, *spatial]) take the vmap path.
+            if stack.dim() >= 4 and (spatial == 0 or stack.dim() == spatial + 3):
+                out = self.call.invoke((stack.flatten(0, 1), *args[1:]), kwargs)
+                return out.unflatten(0, stack.shape[:2])
         return self.vmap_call(args, kwargs)
 
 
@@ -153,7 +168,7 @@ class AffineRule(Rule):
             out = out.unflatten(0, stack.shape[:2]) if batched else out
             if bias is not None:
                 bias = bias.view(-1, *([1] * spatial))
-        return out if bias is None else add_to_bias(out, bias)
+        return out if bias is None else add_to_bias_(out, bias)  # out is this rule's own result
 
 
 __all__ = ["LinearRule", "GetItemRule", "IdentityRule", "AdditiveRule", "AffineRule"]

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .base import OpCall, Rule, add_to_bias, bind
+from .base import OpCall, Rule, add_to_bias_, bind
 from .registry import register
 
 _BATCH_NORM = (("input", None), ("running_mean", None), ("running_var", None), ("weight", None),
@@ -25,10 +25,11 @@ def _channel_view(t: torch.Tensor | None, dims: int) -> torch.Tensor | None:
 
 
 def _spread(stack: torch.Tensor, term: torch.Tensor | float, mode: str) -> torch.Tensor:
-    """Add a constant term to the bias component, or 1/K of it to every component."""
+    """Add a constant term to the bias component, or 1/K of it to every component.
+    ``stack`` is always a tensor the caller has just computed, so the bias is added in place."""
     if mode == "uniform":
         return stack + term / stack.shape[0]
-    return add_to_bias(stack, term)
+    return add_to_bias_(stack, term)
 
 
 @register("batchnorm", "identity", ops=("batch_norm",))
