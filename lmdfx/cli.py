@@ -104,9 +104,20 @@ def build_model(spec: str) -> tuple[nn.Module, dict[str, str]]:
     return made.eval(), modalities
 
 
+def _checkpoint_file(path: str) -> str:
+    """``path`` itself, or for a folder (SimpleBEV's ``init_dir``) its last ``model-*.pth``."""
+    if not os.path.isdir(path):
+        return path
+    found = sorted(p for p in os.listdir(path) if p.startswith("model-") and p.endswith(".pth"))
+    if not found:
+        raise LMDError(f"checkpoint folder {path!r} holds no model-*.pth file; pass the checkpoint file itself.")
+    return os.path.join(path, found[-1])
+
+
 def _load_checkpoint(model: nn.Module, path: str) -> None:
     from lmdfx.models.simplebev import SimpleBEV, load_checkpoint
 
+    path = _checkpoint_file(path)
     if isinstance(model, SimpleBEV):
         load_checkpoint(model, path)  # strict, names missing/unexpected keys and the preset to use
         return
@@ -169,7 +180,8 @@ def _parser() -> argparse.ArgumentParser:
                         description="Perturbation protocol (appendix D.2) and per-component vehicle IoU. Writes "
                                     "evaluation.json and evaluation.md to --out. Runs distributed under torchrun.")
     ev.add_argument("--model", required=True, help=f"built-in name ({', '.join(MODELS)}) or module:factory")
-    ev.add_argument("--checkpoint", help="state dict to load (SimpleBEV: a file with model_state_dict)")
+    ev.add_argument("--checkpoint", help="state dict to load (SimpleBEV: a file with model_state_dict, or a folder "
+                                         "whose last model-*.pth is used)")
     data = ev.add_mutually_exclusive_group(required=True)
     data.add_argument("--nuscenes", metavar="DATAROOT", help="nuScenes dataroot (holds samples/, sweeps/, v1.0-*/)")
     data.add_argument("--world", action="store_true", help="synthetic sensor-world scenes (seed --seed)")

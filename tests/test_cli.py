@@ -106,10 +106,12 @@ def test_evaluate_nuscenes_with_checkpoint(tmp_path, capsys):
     root = tmp_path / "nusc"
     write_tiny_nuscenes(str(root), version="v1.0-mini", scenes=2, samples_per_scene=2)
     torch.manual_seed(1)
-    ckpt = tmp_path / "model.pth"
-    torch.save({"model_state_dict": SimpleBEV(SimpleBEVConfig.tiny()).state_dict()}, ckpt)
+    folder = tmp_path / "checkpoints"  # a SimpleBEV init_dir: the last model-*.pth is loaded
+    folder.mkdir()
+    torch.save({"model_state_dict": SimpleBEV(SimpleBEVConfig.tiny()).state_dict()}, folder / "model-000002.pth")
+    torch.save({"weights": 1}, folder / "model-000001.pth")
     out = tmp_path / "ev"
-    code = main(["evaluate", "--model", "simplebev-tiny", "--checkpoint", str(ckpt), "--nuscenes", str(root),
+    code = main(["evaluate", "--model", "simplebev-tiny", "--checkpoint", str(folder), "--nuscenes", str(root),
                  "--version", "v1.0-mini", "--split", "mini_train", "--shift", "1", "--repeats", "1",
                  "--out", str(out), "--no-progress"])
     assert code == 0, capsys.readouterr().err
@@ -128,6 +130,7 @@ def test_evaluate_nuscenes_with_checkpoint(tmp_path, capsys):
     (["--model", "simplebev-tiny", "--world", "--checkpoint", "{tmp}/missing.pth"], "does not exist"),
     (["--model", "simplebev-tiny", "--world", "--checkpoint", "{tmp}/lidar.pth"], "does not match"),
     (["--model", "simplebev-tiny", "--world", "--checkpoint", "{tmp}/junk.pth"], "model_state_dict"),
+    (["--model", "simplebev-tiny", "--world", "--checkpoint", "{tmp}"], "no model-*.pth"),
     (["--model", "simplebev-tiny", "--world", "--limit", "2", "--shift", "2", "--repeats", "1"], "onto itself"),
     (["--model", "simplebev-tiny", "--world", "--device", "tpu"], "--device"),
 ])
