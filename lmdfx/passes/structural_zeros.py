@@ -5,9 +5,10 @@ Ensures: a convolution / linear layer whose decomposed input is a concatenation 
 undecomposed operands (pure-modality encoder outputs, context tensors) — the fusion layer of
 a fusion model — no longer runs once per component on a lifted stack that is zero outside one
 operand. Each operand goes through the matching input-channel slice of the weight instead,
-``conv(cat(x_1, 0), W) = conv(x_1, W[:, :C_1])``, so the layer costs one convolution in all
-and the lifted stacks and their concatenation are never materialised. Results are unchanged
-up to floating-point summation order.
+``conv(cat(x_1, 0), W) = conv(x_1, W[:, :C_1])`` (or, for a concatenation of tokens, through
+the whole layer: ``linear(cat(x_1, 0)) = cat(linear(x_1), 0)``), so the layer costs one
+layer in all and the lifted stacks and their concatenation are never materialised. Results
+are unchanged up to floating-point summation order.
 """
 
 from __future__ import annotations
@@ -56,20 +57,21 @@ def sliced_affine(
     """The stack of ``affine`` applied to ``cat(parts)``, where part i belongs wholly to component
     ``owners[i]``: component c is the sum over c's parts of the layer on that part with the
     matching weight slice; a component without parts is zero; the layer's bias is the bias
-    component's. Falls back to lifting and the generic rules when the layout does not fit
-    (concatenation along another axis, grouped convolution)."""
+    component's. Along an axis the layer does not contract (tokens for a linear layer, the batch
+    for a convolution), each part goes through the whole layer once instead. Falls back to
+    lifting and the generic rules otherwise (a spatial axis of a convolution, grouped
+    convolution over the channels)."""
     op = affine.call.op
     p = bind(_signature(op), args, kwargs)
     weight, bias = p["weight"], p["bias"]
     first = parts[0]
     dim = cat.call.static(_CAT)["dim"]
-    fits = (
-        isinstance(dim, int)
-        and all(isinstance(x, torch.Tensor) and x.dim() == first.dim() for x in parts)
-        and dim % first.dim() == _channel_dim(op, first.dim())
-        and p.get("groups", 1) == 1
-    )
-    if not fits:
+    rank = first.dim() if isinstance(first, torch.Tensor) else 0
+    same = isinstance(dim, int) and rank > 0 and all(isinstance(x, torch.Tensor) and x.dim() == rank for x in parts)
+    contracted = same and dim % rank == _channel_dim(op, rank)
+    if same and not contracted and _commutes(op, dim % rank, rank):
+        return _per_part(op, weight, bias, p, parts, owners, k, dim)
+    if not (contracted and p.get("groups", 1) == 1):
         # Pure operands as the lifted stacks the cat rule expects; context operands stay plain.
         lifted = [x if owner == BIAS else lift(x, owner, k) for x, owner in zip(parts, owners)]
         cat_args = (lifted, *cat.call.args[1:])
@@ -94,6 +96,33 @@ def sliced_affine(
             zeros = torch.zeros_like(like) if zeros is None else zeros
             outputs[index] = zeros
     return torch.stack(outputs)
+
+
+def _commutes(op: str, dim: int, rank: int) -> bool:
+    """Whether the layer applied to a concatenation along ``dim`` is the concatenation of the
+    layer on each part: any axis but the features for a linear layer, the batch axis for a
+    convolution (spatial axes do not: kernels straddle the seams)."""
+    if op == "linear":
+        return dim != rank - 1
+    return dim == 0 and rank == int(op[-2]) + 2
+
+
+def _per_part(op: str, weight: torch.Tensor, bias: Any, p: dict, parts: list, owners: list[int], k: int,
+              dim: int) -> torch.Tensor:
+    """The stack of the layer over ``cat(parts, dim)`` along a non-contracted axis: each part goes
+    through the layer once, and component c is the concatenation of c's part outputs with
+    zeros in the other parts' places; the layer's bias is the bias component's everywhere."""
+    width = weight.shape[0 if op.startswith("conv_transpose") else 1]
+    outputs = [_slice_op(op, x, weight, 0, width, p) for x in parts]
+    zeros = [torch.zeros_like(y) for y in outputs]
+    stack = torch.stack([
+        torch.cat([y if owner % k == c else z for y, z, owner in zip(outputs, zeros, owners)], dim)
+        for c in range(k)
+    ])
+    if bias is not None:
+        shaped = bias if op == "linear" else bias.view(-1, *([1] * int(op[-2])))
+        stack[BIAS] += shaped
+    return stack
 
 
 def _rule_of(gm: fx.GraphModule, node: Any) -> Any:
