@@ -165,7 +165,7 @@ def _parser() -> argparse.ArgumentParser:
                           description="Decompose the shipped sensor-world SimpleBEV on unseen scenes and write PNG "
                                       "figures plus report.md / report.json.")
     demo.add_argument("--out", default="lmdfx-demo", help="output folder (default: ./lmdfx-demo)")
-    demo.add_argument("--scenes", type=_positive, default=8, help="sensor-world scenes to evaluate (default 8)")
+    demo.add_argument("--scenes", type=_positive, default=12, help="sensor-world scenes to evaluate (default 12)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_cmd_demo)
 

@@ -123,7 +123,7 @@ def _iou(model: nn.Module, cache: _CachedFeatures, data: dict, world: SensorWorl
     return meter.compute()
 
 
-def train(out: str = str(WORLD_WEIGHTS), scenes: int = 320, val_scenes: int = 64, steps: int = 800,
+def train(out: str = str(WORLD_WEIGHTS), scenes: int = 480, val_scenes: int = 64, steps: int = 2000,
           batch: int = 8, lr: float = 2e-3, seed: int = 0, init_seed: int = 0, sensor_dropout: float = 0.4,
           p_camera_only: float = 0.3, p_radar_only: float = 0.15, progress: bool = True, log=print) -> nn.Module:
     """Train the world model on ``scenes`` scenes of seed ``seed`` and save it to ``out``.
@@ -202,9 +202,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command line: ``python -m lmdfx.train_world [--out PATH] [--steps N] ...``."""
     parser = argparse.ArgumentParser(prog="python -m lmdfx.train_world", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(WORLD_WEIGHTS), help="where to write the weights (default: the shipped file)")
-    parser.add_argument("--scenes", type=int, default=320, help="training scenes (seed --seed)")
+    parser.add_argument("--scenes", type=int, default=480, help="training scenes (seed --seed)")
     parser.add_argument("--val-scenes", type=int, default=64, help="validation scenes (seed --seed + 1)")
-    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--sensor-dropout", type=float, default=0.4, help="chance a sample loses one sensor")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
