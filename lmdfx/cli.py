@@ -61,7 +61,8 @@ MODELS: dict[str, tuple[str, Callable[[], nn.Module]]] = {
     "simplebev-tiny-lidar": ("SimpleBEVConfig.tiny(('camera', 'radar', 'lidar')): three modalities; random weights",
                              _simplebev(_cfg("tiny", modalities=("camera", "radar", "lidar")))),
     "simplebev-released-radar": ("SimpleBEVConfig.released_radar(): ResNet-101, 448x800, 200x8x200, camera + "
-                                 "metaradar (pass --checkpoint for the released weights)", _simplebev(_cfg("released_radar"))),
+                                 "metaradar (pass --checkpoint for the released weights)",
+                                 _simplebev(_cfg("released_radar"))),
     "simplebev-released-camera": ("SimpleBEVConfig.released_camera(): the camera-only released model",
                                   _simplebev(_cfg("released_camera"))),
     "simplebev-lmd-paper": ("SimpleBEVConfig.lmd_paper(): the LMD paper's 224x400 camera + radar setting",
@@ -134,7 +135,8 @@ def _load_checkpoint(model: nn.Module, path: str) -> None:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
-        raise LMDError(f"checkpoint {path!r} does not fit the model: {' '.join(s.strip() for s in first[:3])}") from None
+        summary = " ".join(s.strip() for s in first[:3])
+        raise LMDError(f"checkpoint {path!r} does not fit the model: {summary}") from None
 
 
 # ---------------------------------------------------------------------------

@@ -154,7 +154,9 @@ def train(out: str = str(WORLD_WEIGHTS), scenes: int = 480, val_scenes: int = 64
         if trainable:
             params.append(p)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 30) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    # 30 warm-up steps, then cosine decay to zero
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 30) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     gen = torch.Generator().manual_seed(seed)
     loop = range(steps)
     if progress:
@@ -201,7 +203,8 @@ def train(out: str = str(WORLD_WEIGHTS), scenes: int = 480, val_scenes: int = 64
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command line: ``python -m lmdfx.train_world [--out PATH] [--steps N] ...``."""
     parser = argparse.ArgumentParser(prog="python -m lmdfx.train_world", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(WORLD_WEIGHTS), help="where to write the weights (default: the shipped file)")
+    parser.add_argument("--out", default=str(WORLD_WEIGHTS),
+                        help="where to write the weights (default: the shipped file)")
     parser.add_argument("--scenes", type=int, default=480, help="training scenes (seed --seed)")
     parser.add_argument("--val-scenes", type=int, default=64, help="validation scenes (seed --seed + 1)")
     parser.add_argument("--steps", type=int, default=2000)

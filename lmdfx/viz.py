@@ -69,7 +69,8 @@ def _mosaic(images: torch.Tensor, sample: int) -> torch.Tensor:
     canvas = torch.ones(2 * h + 2, cols * w + 2 * (cols - 1), 3)
     for i in range(s):
         r, c = divmod(i, cols)
-        canvas[r * (h + 2): r * (h + 2) + h, c * (w + 2): c * (w + 2) + w] = (images[i].permute(1, 2, 0) + 0.5).clamp(0, 1)
+        top, left = r * (h + 2), c * (w + 2)
+        canvas[top:top + h, left:left + w] = (images[i].permute(1, 2, 0) + 0.5).clamp(0, 1)
     return canvas
 
 

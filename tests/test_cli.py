@@ -17,7 +17,8 @@ from lmdfx.cli import main
 from lmdfx.weights import WORLD_WEIGHTS
 
 PNG = b"\x89PNG\r\n\x1a\n"
-ENV = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+# one intra-op thread: on a shared machine, more threads than free cores make torch spin and crawl
+ENV = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
 
 
 def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

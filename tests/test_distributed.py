@@ -45,5 +45,6 @@ def test_two_processes_match_one(tmp_path):
     assert two["component_iou"]["union"] == one["component_iou"]["union"]
     # the rendered tables are identical
     table = lambda md: md[md.index("## Separation"):]  # noqa: E731
-    assert table((tmp_path / "two" / "evaluation.md").read_text()) == table((tmp_path / "one" / "evaluation.md").read_text())
+    one_md, two_md = ((tmp_path / d / "evaluation.md").read_text() for d in ("one", "two"))
+    assert table(two_md) == table(one_md)
     assert "wrote" in multi.stdout and multi.stdout.count("wrote") == 1  # only rank 0 writes

@@ -104,19 +104,15 @@ def test_separation_is_exact_at_a_frozen_operating_point(dec):
 def test_separation_protocol_matches_a_direct_computation(dec):
     data = _dataset(4, seed=3, gt=False)
     res = metrics.perturbation_matrix(dec, data, offsets=[1, 4, 6], head="aux")  # offset 4 == N: skipped
-    assert res.pairs == 8
-    k, p = 2, (2 + 6) % 4
+    assert res.pairs == 8 and res.offsets == (1, 4, 6)
+    k = 2
     batch = {key: v[None] for key, v in data[k].items()}
     ref = dec(**batch)
-    moved = dec(cam=batch["cam"], radar=data[p]["radar"][None], operating_point=ref.operating_point)
-    expected = metrics.pearson(ref.components["aux"][1], moved.components["aux"][1])
-    k_pairs = []
-    for off in (1, 6):
-        q = (k + off) % 4
-        m2 = dec(cam=batch["cam"], radar=data[q]["radar"][None], operating_point=ref.operating_point)
-        k_pairs.append(metrics.pearson(ref.components["aux"][1], m2.components["aux"][1]))
-    assert expected in k_pairs
-    assert float(res.per_sample_pcc[k, 1, 1]) == pytest.approx(sum(k_pairs) / 2, abs=1e-12)
+    scores = []
+    for off in (1, 6):  # partners (k + off) mod N at sample k's frozen operating point
+        moved = dec(cam=batch["cam"], radar=data[(k + off) % 4]["radar"][None], operating_point=ref.operating_point)
+        scores.append(metrics.pearson(ref.components["aux"][1], moved.components["aux"][1]))
+    assert float(res.per_sample_pcc[k, 1, 1]) == pytest.approx(sum(scores) / 2, abs=1e-12)
 
 
 def test_batched_items_and_to_inputs(dec):
@@ -126,7 +122,8 @@ def test_batched_items_and_to_inputs(dec):
     same = metrics.perturbation_matrix(dec, batched, shift=1, repeats=1)
     torch.testing.assert_close(plain.pcc, same.pcc, rtol=0, atol=1e-12)
     pairs = [(item["cam"], item["radar"]) for item in data]
-    mapped = metrics.perturbation_matrix(dec, pairs, shift=1, repeats=1, to_inputs=lambda t: {"cam": t[0], "radar": t[1]})
+    mapped = metrics.perturbation_matrix(dec, pairs, shift=1, repeats=1,
+                                         to_inputs=lambda t: {"cam": t[0], "radar": t[1]})
     torch.testing.assert_close(plain.mse, mapped.mse, rtol=0, atol=1e-12)
 
 

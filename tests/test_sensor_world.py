@@ -100,7 +100,8 @@ def test_world_rejects_bad_configs():
 def test_attribution_score_on_oracle_maps(world):
     def oracle(inputs, swap=False, sign=1.0):
         # find the scene by its images, paint each single-sensor vehicle into its sensor's map
-        scene = next(s for s in map(world.scene, range(len(world))) if torch.equal(s.inputs["images"], inputs["images"]))
+        scene = next(s for s in map(world.scene, range(len(world)))
+                     if torch.equal(s.inputs["images"], inputs["images"]))
         maps = torch.zeros(2, *scene.vehicle_gt.shape[1:])
         for o in scene.objects:
             if o.single_sensor:
