@@ -207,7 +207,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except LMDError as exc:
+    except (LMDError, OSError) as exc:  # OSError: unreadable data, unwritable --out
         message = " ".join(str(exc).split())
         print(f"lmdfx {args.command}: error: {message}", file=sys.stderr)
         return 2
