@@ -22,13 +22,7 @@ B, N, E = 2, 5, 8  # batch, tokens per modality, embedding
 MODS = {"camera": "a", "radar": "b", "lidar": "c"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny float64 kernels are ~100x slower with 2 OpenMP threads on a loaded 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tokens(seed: int, n: int = N) -> dict[str, torch.Tensor]:

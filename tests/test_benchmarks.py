@@ -9,13 +9,7 @@ import pytest
 import torch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Smoke runs: one intra-op thread, so a busy shared machine does not oversubscribe."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_overhead_runs(tmp_path):

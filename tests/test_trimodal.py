@@ -15,13 +15,7 @@ from lmdfx.models.trimodal import TRIMODAL, simplebev_trimodal, trimodal_config
 D = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny float64 kernels are ~100x slower with 2 OpenMP threads on a loaded 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def samples(model, count: int = 2) -> list[dict[str, torch.Tensor]]:
