@@ -109,8 +109,8 @@ class PerSampleNormRule(Rule):
             mean = torch.zeros_like(x.mean(axes, keepdim=True))
             sigma = torch.sqrt(x.pow(2).mean(axes, keepdim=True) + self._eps(p, x))
         else:
-            mean = x.mean(axes, keepdim=True)
-            sigma = torch.sqrt(x.var(axes, unbiased=False, keepdim=True) + self._eps(p, x))
+            variance, mean = torch.var_mean(x, axes, unbiased=False, keepdim=True)  # one pass over x
+            sigma = torch.sqrt(variance + self._eps(p, x))
         return {"mean": mean, "sigma": sigma}
 
     def forward(self, constants: dict, args: tuple, kwargs: dict) -> torch.Tensor:
