@@ -1,7 +1,10 @@
-"""Fixtures shared across test modules."""
+"""Fixtures and settings shared across test modules."""
+
+import os
 
 import pytest
 import torch
+from hypothesis import settings
 
 
 @pytest.fixture(scope="module")
@@ -12,3 +15,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# CI runs the same hypothesis examples every time (a failure there is reproducible); local runs
+# keep exploring new ones.
+if os.environ.get("CI"):
+    settings.register_profile("ci", derandomize=True, print_blob=True)
+    settings.load_profile("ci")
