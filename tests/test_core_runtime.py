@@ -127,3 +127,14 @@ def test_concrete_args_and_leaf_modules_reach_the_tracer():
         # First-order: each modality component is the Jacobian applied to that modality's input.
         _, expected = torch.func.jvp(leafy.block, (cam - radar,), (cam,))
         torch.testing.assert_close(res.components[0], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_readme_quick_start_runs_as_written(capsys):
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"## Quick start\n\n```python\n(.*?)```", readme, re.S).group(1)
+    exec(compile(code, "README.md", "exec"), {})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "('camera', 'radar', 'bias')"
+    assert lines[2] == "True" and lines[4] == "True"  # exact sum; camera unchanged under new radar
