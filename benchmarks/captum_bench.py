@@ -30,7 +30,7 @@ from torch import nn
 import lmdfx
 
 from .common import apply_threads, PostFusion, Table, base_parser, device_of, emit, load_average, post_fusion_inputs, simplebev
-from lmdfx.models.simplebev import BasicBlock, SimpleBEVConfig
+from lmdfx.bev.models.simplebev import BasicBlock, SimpleBEVConfig
 
 GRID = (64, 4, 64)
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from lmdfx.models.simplebev import SimpleBEV, SimpleBEVConfig
+from lmdfx.bev.models.simplebev import SimpleBEV, SimpleBEVConfig
 
 # The "cpu" preset: the paper's camera+radar SimpleBEV (ResNet-101, metaradar) at half the
 # paper's resolution. Half of 224x400 is 112x200 and half of the 200x8x200 grid is 100x8x100,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import lmdfx
-from lmdfx.models.simplebev import Decoder
+from lmdfx.bev.models.simplebev import Decoder
 
 from .common import apply_threads, Table, base_parser, device_of, emit, interleaved_medians, load_average
 

@@ -4,7 +4,7 @@ from .compiler import compile
 from .errors import LMDError, TraceError, UnsupportedOpError
 from .rules import Rules
 from .runtime import Decomposer, Decomposition, OperatingPoint
-from . import metrics, viz  # viz imports matplotlib only when drawing
+from . import metrics
 
 __all__ = ["compile", "Rules", "Decomposer", "Decomposition", "OperatingPoint", "LMDError", "TraceError",
            "UnsupportedOpError"]

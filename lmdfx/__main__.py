@@ -2,6 +2,6 @@
 
 import sys
 
-from lmdfx.cli import main
+from lmdfx.bev.cli import main
 
 sys.exit(main())

@@ -14,7 +14,7 @@ from lmd_checks import RTOL, assert_separates, check_equality, perturbation_pcc,
 from torch import nn
 
 import lmdfx
-from lmdfx.models.attention_fusion import PreNormBlock
+from lmdfx.bev.models.attention_fusion import PreNormBlock
 from lmdfx.rules.registry import Rules
 
 D = torch.float64

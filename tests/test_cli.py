@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmdfx.cli import main
-from lmdfx.weights import WORLD_WEIGHTS
+from lmdfx.bev.cli import main
+from lmdfx.bev.weights import WORLD_WEIGHTS
 
 PNG = b"\x89PNG\r\n\x1a\n"
 # one intra-op thread: on a shared machine, more threads than free cores make torch spin and crawl
@@ -101,8 +101,8 @@ def test_evaluate_world_writes_json_and_markdown(tmp_path, capsys):
 
 def test_evaluate_nuscenes_with_checkpoint(tmp_path, capsys):
     pytest.importorskip("nuscenes")
-    from lmdfx.data.nuscenes_synthetic import write_tiny_nuscenes
-    from lmdfx.models.simplebev import SimpleBEV, SimpleBEVConfig
+    from lmdfx.bev.data.nuscenes_synthetic import write_tiny_nuscenes
+    from lmdfx.bev.models.simplebev import SimpleBEV, SimpleBEVConfig
 
     root = tmp_path / "nusc"
     write_tiny_nuscenes(str(root), version="v1.0-mini", scenes=2, samples_per_scene=2)
@@ -136,7 +136,7 @@ def test_evaluate_nuscenes_with_checkpoint(tmp_path, capsys):
     (["--model", "simplebev-tiny", "--world", "--device", "tpu"], "--device"),
 ])
 def test_evaluate_errors_are_one_line(tmp_path, capsys, args, needle):
-    from lmdfx.models.simplebev import SimpleBEV, SimpleBEVConfig
+    from lmdfx.bev.models.simplebev import SimpleBEV, SimpleBEVConfig
 
     torch.save({"model_state_dict": SimpleBEV(SimpleBEVConfig.tiny(modalities=("camera", "lidar"))).state_dict()},
                tmp_path / "lidar.pth")

@@ -15,11 +15,11 @@ pytest.importorskip("nuscenes")
 
 from nuscenes.nuscenes import NuScenes  # noqa: E402
 
-from lmdfx.data.iou import VehicleIoU, vehicle_iou  # noqa: E402
-from lmdfx.data.nuscenes import CAMERAS, NuScenesBEVDataset  # noqa: E402
-from lmdfx.data.nuscenes_synthetic import write_tiny_nuscenes  # noqa: E402
+from lmdfx.bev.iou import VehicleIoU, vehicle_iou  # noqa: E402
+from lmdfx.bev.data.nuscenes import CAMERAS, NuScenesBEVDataset  # noqa: E402
+from lmdfx.bev.data.nuscenes_synthetic import write_tiny_nuscenes  # noqa: E402
 from lmdfx.errors import LMDError  # noqa: E402
-from lmdfx.models.simplebev import SimpleBEV, SimpleBEVConfig  # noqa: E402
+from lmdfx.bev.models.simplebev import SimpleBEV, SimpleBEVConfig  # noqa: E402
 
 # 1 m cells over +-32 m so the known boxes cover many cells
 CFG = SimpleBEVConfig.tiny(

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lmdfx
-from lmdfx.models.simplebev import SimpleBEV, SimpleBEVConfig
+from lmdfx.bev.models.simplebev import SimpleBEV, SimpleBEVConfig
 from lmdfx.passes.structural_zeros import sliced_affine
 from nets import make_program_net, program_inputs
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import lmdfx
-from lmdfx.data import sensor_world as sw
-from lmdfx.models.simplebev import SimpleBEV, SimpleBEVConfig
-from lmdfx.weights import WORLD_WEIGHTS, _uniform, deterministic_init, is_trained, load_world_model
+from lmdfx.bev.data import sensor_world as sw
+from lmdfx.bev.models.simplebev import SimpleBEV, SimpleBEVConfig
+from lmdfx.bev.weights import WORLD_WEIGHTS, _uniform, deterministic_init, is_trained, load_world_model
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +158,7 @@ def test_shipped_weights_attribute_single_sensor_vehicles():
 
 
 def test_training_script_writes_loadable_weights(tmp_path):
-    from lmdfx.train_world import train
+    from lmdfx.bev.train_world import train
 
     path = tmp_path / "w.pt"
     trained = train(str(path), scenes=4, val_scenes=2, steps=2, batch=2, progress=False, log=lambda *_: None)

@@ -10,7 +10,7 @@ import torch
 import torch.fx
 
 from lmdfx.errors import LMDError
-from lmdfx.models.simplebev import (
+from lmdfx.bev.models.simplebev import (
     SimpleBEV,
     SimpleBEVConfig,
     lifting_grids,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import lmdfx
-from lmdfx.models.simplebev import SimpleBEV, SimpleBEVConfig
+from lmdfx.bev.models.simplebev import SimpleBEV, SimpleBEVConfig
 
 
 def test_tiny_simplebev_decomposes_exactly_and_separates():

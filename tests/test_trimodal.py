@@ -8,9 +8,9 @@ import torch
 from lmd_checks import assert_separates, check_equality, perturbation_pcc
 
 import lmdfx
-from lmdfx.models.attention_fusion import AttentionFusion, AttentionFusionConfig
-from lmdfx.models.simplebev import SimpleBEV, SimpleBEVConfig
-from lmdfx.models.trimodal import TRIMODAL, simplebev_trimodal, trimodal_config
+from lmdfx.bev.models.attention_fusion import AttentionFusion, AttentionFusionConfig
+from lmdfx.bev.models.simplebev import SimpleBEV, SimpleBEVConfig
+from lmdfx.bev.models.trimodal import TRIMODAL, simplebev_trimodal, trimodal_config
 
 D = torch.float64
 

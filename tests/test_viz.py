@@ -1,4 +1,4 @@
-"""lmdfx.viz: figures are written as PNGs; Modality-GradCAM follows eq. 18-19 through autograd."""
+"""lmdfx.bev.viz: figures are written as PNGs; Modality-GradCAM follows eq. 18-19 through autograd."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import lmdfx
-from lmdfx import viz
-from lmdfx.models.simplebev import SimpleBEV, SimpleBEVConfig
+from lmdfx.bev import viz
+from lmdfx.bev.models.simplebev import SimpleBEV, SimpleBEVConfig
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -28,7 +28,7 @@ def tiny():
 
 
 def test_import_does_not_load_matplotlib():
-    code = "import sys, lmdfx, lmdfx.viz; print('matplotlib' in sys.modules)"
+    code = "import sys, lmdfx, lmdfx.bev.viz; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from .errors import LMDError
+from lmdfx.errors import LMDError
 
 __all__ = ["main", "MODELS", "build_model"]
 
@@ -29,7 +29,7 @@ __all__ = ["main", "MODELS", "build_model"]
 # ---------------------------------------------------------------------------
 def _simplebev(config_fn: Callable[[], Any]) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
-        from lmdfx.models.simplebev import SimpleBEV
+        from lmdfx.bev.models.simplebev import SimpleBEV
 
         with torch.random.fork_rng():  # reproducible random weights, the caller's RNG untouched
             torch.manual_seed(0)
@@ -39,14 +39,14 @@ def _simplebev(config_fn: Callable[[], Any]) -> Callable[[], nn.Module]:
 
 
 def _world() -> nn.Module:
-    from lmdfx.weights import load_world_model
+    from lmdfx.bev.weights import load_world_model
 
     return load_world_model()
 
 
 def _cfg(name: str, **kwargs: Any) -> Callable[[], Any]:
     def make():
-        from lmdfx.models.simplebev import SimpleBEVConfig
+        from lmdfx.bev.models.simplebev import SimpleBEVConfig
 
         return getattr(SimpleBEVConfig, name)(**kwargs)
 
@@ -116,7 +116,7 @@ def _checkpoint_file(path: str) -> str:
 
 
 def _load_checkpoint(model: nn.Module, path: str) -> None:
-    from lmdfx.models.simplebev import SimpleBEV, load_checkpoint
+    from lmdfx.bev.models.simplebev import SimpleBEV, load_checkpoint
 
     path = _checkpoint_file(path)
     if isinstance(model, SimpleBEV):
@@ -273,18 +273,18 @@ def _init_distributed(device_arg: Optional[str]) -> tuple[int, int, torch.device
 
 
 def _dataset(args: argparse.Namespace, model: nn.Module) -> tuple[Any, str]:
-    from lmdfx.models.simplebev import SimpleBEVConfig
+    from lmdfx.bev.models.simplebev import SimpleBEVConfig
 
     config = getattr(model, "config", None)
     if args.world:
-        from lmdfx.data.sensor_world import SensorWorld
+        from lmdfx.bev.data.sensor_world import SensorWorld
 
         if not isinstance(config, SimpleBEVConfig):
             raise LMDError(f"--world renders SimpleBEV inputs; model {args.model} has no SimpleBEVConfig .config. "
                            "Use a SimpleBEV model or --nuscenes.")
         n = args.limit or 32
         return SensorWorld(num_scenes=n, seed=args.seed, config=config), f"sensor world, seed {args.seed}, {n} scenes"
-    from lmdfx.data.nuscenes import SPLITS
+    from lmdfx.bev.data.nuscenes import SPLITS
 
     if not os.path.isdir(args.nuscenes):
         raise LMDError(f"nuScenes dataroot {args.nuscenes!r} does not exist; pass the folder holding samples/, "
@@ -296,7 +296,7 @@ def _dataset(args: argparse.Namespace, model: nn.Module) -> tuple[Any, str]:
                        f"{', '.join(SPLITS[args.version])}.")
     if not isinstance(config, SimpleBEVConfig):
         raise LMDError(f"--nuscenes loads SimpleBEV inputs; model {args.model} has no SimpleBEVConfig .config.")
-    from lmdfx.data.nuscenes import NuScenesBEVDataset
+    from lmdfx.bev.data.nuscenes import NuScenesBEVDataset
 
     data = NuScenesBEVDataset(args.nuscenes, args.version, args.split, config)
     desc = f"nuScenes {args.version} {args.split} at {args.nuscenes}"
@@ -351,9 +351,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     import lmdfx
     from lmdfx import viz
-    from lmdfx.data.sensor_world import SensorWorld, attribution_score, shapley_maps
+    from lmdfx.bev.data.sensor_world import SensorWorld, attribution_score, shapley_maps
     from lmdfx.metrics import evaluate
-    from lmdfx.weights import load_world_model
+    from lmdfx.bev.weights import load_world_model
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():

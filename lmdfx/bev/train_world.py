@@ -1,8 +1,8 @@
 """Train the sensor-world SimpleBEV (the demo's default model) on CPU in a few minutes.
 
-    python -m lmdfx.train_world --out lmdfx/weights/simplebev_world.pt
+    python -m lmdfx.bev.train_world --out lmdfx/bev/weights/simplebev_world.pt
 
-Only the layers of :func:`lmdfx.weights.is_trained` learn; the rest keep the deterministic
+Only the layers of :func:`lmdfx.bev.weights.is_trained` learn; the rest keep the deterministic
 initialisation, which lets the camera backbone's features be computed once per scene and makes
 the saved file small. Loss: binary cross-entropy on the segmentation logits (positive weight
 2.13 as in SimpleBEV), cells outside ``valid_mask`` ignored. BatchNorm stays in eval mode (a
@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmdfx.data.iou import VehicleIoU
-from lmdfx.data.sensor_world import SensorWorld, world_config
-from lmdfx.weights import WORLD_WEIGHTS, _world_model, is_trained, save_world_weights
+from lmdfx.bev.iou import VehicleIoU
+from lmdfx.bev.data.sensor_world import SensorWorld, world_config
+from lmdfx.bev.weights import WORLD_WEIGHTS, _world_model, is_trained, save_world_weights
 
 __all__ = ["train", "main"]
 
@@ -201,8 +201,8 @@ def train(out: str = str(WORLD_WEIGHTS), scenes: int = 480, val_scenes: int = 64
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command line: ``python -m lmdfx.train_world [--out PATH] [--steps N] ...``."""
-    parser = argparse.ArgumentParser(prog="python -m lmdfx.train_world", description=__doc__.split("\n\n")[0])
+    """Command line: ``python -m lmdfx.bev.train_world [--out PATH] [--steps N] ...``."""
+    parser = argparse.ArgumentParser(prog="python -m lmdfx.bev.train_world", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(WORLD_WEIGHTS),
                         help="where to write the weights (default: the shipped file)")
     parser.add_argument("--scenes", type=int, default=480, help="training scenes (seed --seed)")

@@ -7,7 +7,7 @@
 - :func:`modality_gradcam` / :func:`gradcam_figure`: Modality-GradCAM (appendix E.3): Grad-CAM on
   one modality's component of an intermediate layer, gradients taken through the decomposition.
 
-matplotlib is imported inside the functions, so ``import lmdfx.viz`` stays cheap.
+matplotlib is imported inside the functions, so ``import lmdfx.bev.viz`` stays cheap.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .errors import LMDError
-from .metrics import _select
+from lmdfx.errors import LMDError
+from lmdfx.metrics import _select
 
 __all__ = ["component_maps", "layer_energy", "layer_shares", "modality_gradcam", "gradcam_figure"]
 

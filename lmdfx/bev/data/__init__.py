@@ -1,9 +1,9 @@
 """Datasets and metrics: nuScenes loading for SimpleBEV, a tiny nuScenes writer, vehicle IoU.
 
-Submodules import the nuscenes-devkit lazily, so ``import lmdfx.data`` works without it.
+Submodules import the nuscenes-devkit lazily, so ``import lmdfx.bev.data`` works without it.
 """
 
-from lmdfx.data.iou import VehicleIoU, vehicle_iou
+from lmdfx.bev.iou import VehicleIoU, vehicle_iou
 
 __all__ = ["VehicleIoU", "vehicle_iou", "NuScenesBEVDataset", "write_tiny_nuscenes"]
 
@@ -11,11 +11,11 @@ __all__ = ["VehicleIoU", "vehicle_iou", "NuScenesBEVDataset", "write_tiny_nuscen
 def __getattr__(name: str):
     # keep the devkit optional: import the nuScenes modules only when asked for
     if name == "NuScenesBEVDataset":
-        from lmdfx.data.nuscenes import NuScenesBEVDataset
+        from lmdfx.bev.data.nuscenes import NuScenesBEVDataset
 
         return NuScenesBEVDataset
     if name == "write_tiny_nuscenes":
-        from lmdfx.data.nuscenes_synthetic import write_tiny_nuscenes
+        from lmdfx.bev.data.nuscenes_synthetic import write_tiny_nuscenes
 
         return write_tiny_nuscenes
     raise AttributeError(name)

@@ -1,7 +1,7 @@
 """nuScenes -> SimpleBEV inputs, built on the official nuscenes-devkit.
 
 :class:`NuScenesBEVDataset` returns, per keyframe sample, exactly the keyword arguments of
-:meth:`lmdfx.models.simplebev.SimpleBEV.forward` (without the batch dimension) plus the
+:meth:`lmdfx.bev.models.simplebev.SimpleBEV.forward` (without the batch dimension) plus the
 ground truth ``vehicle_gt`` and ``valid_mask``. Preprocessing follows SimpleBEV's loader:
 images resized to the config size, radar from 5 radars x N sweeps chained via ``prev`` with
 points closer than 2.2 m dropped and moved into the keyframe ego frame, vehicle ground truth =
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from lmdfx.errors import LMDError
-from lmdfx.models.simplebev import METARADAR_FEATURES, SimpleBEVConfig, lifting_grids
+from lmdfx.bev.models.simplebev import METARADAR_FEATURES, SimpleBEVConfig, lifting_grids
 
 __all__ = [
     "NuScenesBEVDataset",

@@ -1,21 +1,21 @@
 """A synthetic sensor world: vehicles on a BEV grid seen by a 6-camera ring and a radar.
 
 Each scene places vehicles (oriented boxes) around the ego rig and renders them into exactly
-the forward arguments of :class:`lmdfx.models.simplebev.SimpleBEV`:
+the forward arguments of :class:`lmdfx.bev.models.simplebev.SimpleBEV`:
 
-- cameras: the rig of :func:`lmdfx.models.simplebev.ring_rig` (the same calibration the lifting
+- cameras: the rig of :func:`lmdfx.bev.models.simplebev.ring_rig` (the same calibration the lifting
   grids come from); sky and road background, each vehicle painted as the convex hull of its
   projected box (coloured body, dark lower band), far to near, plus a few poles that are not
   vehicles;
 - radar: a few returns per sweep on the side of each vehicle that faces the rig, five sweeps with
   their time lag, plus clutter, rasterised with SimpleBEV's metaradar layout
-  (:func:`lmdfx.data.nuscenes.rasterize_radar`).
+  (:func:`lmdfx.bev.data.nuscenes.rasterize_radar`).
 
 Every vehicle draws which sensors may see it: most are seen by both, some by the camera only (low
 radar cross-section: no radar returns), some by the radar only (night, fog: not painted). After
 rendering, ``seen_by`` records what each sensor actually observed (a painted vehicle hidden
 behind nearer ones is not seen by the camera). Items are dicts like those of
-:class:`lmdfx.data.nuscenes.NuScenesBEVDataset`: forward arguments plus ``vehicle_gt`` and
+:class:`lmdfx.bev.data.nuscenes.NuScenesBEVDataset`: forward arguments plus ``vehicle_gt`` and
 ``valid_mask`` (0 on vehicles no sensor saw). Scene ``i`` of a world depends only on
 ``(seed, i)``.
 """
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from lmdfx.errors import LMDError
-from lmdfx.models.simplebev import METARADAR_FEATURES, SimpleBEVConfig, lifting_grids, ring_rig
+from lmdfx.bev.models.simplebev import METARADAR_FEATURES, SimpleBEVConfig, lifting_grids, ring_rig
 
 __all__ = [
     "SENSORS",
@@ -363,7 +363,7 @@ class SensorWorld(torch.utils.data.Dataset):
         """Render scene ``index`` (0 <= index < len(self))."""
         if not 0 <= index < self.num_scenes:
             raise IndexError(f"scene {index} out of range for a world of {self.num_scenes} scenes")
-        from lmdfx.data.nuscenes import rasterize_radar
+        from lmdfx.bev.data.nuscenes import rasterize_radar
 
         cfg = self.config
         rng = self._rng(index)

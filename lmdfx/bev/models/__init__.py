@@ -1,5 +1,5 @@
 """Models that lmdfx decomposes."""
 
-from lmdfx.models.simplebev import SimpleBEV, SimpleBEVConfig, lifting_grids, load_checkpoint
+from lmdfx.bev.models.simplebev import SimpleBEV, SimpleBEVConfig, lifting_grids, load_checkpoint
 
 __all__ = ["SimpleBEV", "SimpleBEVConfig", "lifting_grids", "load_checkpoint"]

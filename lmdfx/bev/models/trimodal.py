@@ -13,7 +13,7 @@ from dataclasses import replace
 from typing import Any
 
 from lmdfx.errors import LMDError
-from lmdfx.models.simplebev import SimpleBEV, SimpleBEVConfig
+from lmdfx.bev.models.simplebev import SimpleBEV, SimpleBEVConfig
 
 __all__ = ["TRIMODAL", "simplebev_trimodal", "trimodal_config"]
 

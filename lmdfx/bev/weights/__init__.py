@@ -1,6 +1,6 @@
 """Trained default weights: a small SimpleBEV for the synthetic sensor world.
 
-The world model is a :func:`lmdfx.data.sensor_world.world_config` SimpleBEV in which only the
+The world model is a :func:`lmdfx.bev.data.sensor_world.world_config` SimpleBEV in which only the
 layers matched by :func:`is_trained` were trained (camera ``depth_layer``, fusion, the BEV decoder
 except the convolutions of ``decoder.layer3``, heads, all decoder BatchNorm affines). Everything
 else keeps a fixed random initialisation that :func:`deterministic_init` regenerates bit for bit
@@ -84,7 +84,7 @@ def deterministic_init(model: torch.nn.Module, seed: int = 0) -> None:
 
 
 def _world_model(config: Any, seed: int) -> torch.nn.Module:
-    from lmdfx.models.simplebev import SimpleBEV
+    from lmdfx.bev.models.simplebev import SimpleBEV
 
     model = SimpleBEV(config)
     deterministic_init(model, seed)
@@ -109,28 +109,28 @@ def save_world_weights(model: torch.nn.Module, path: str | os.PathLike, init_see
 
 def load_world_model(path: str | os.PathLike | None = None) -> torch.nn.Module:
     """The sensor-world SimpleBEV with trained weights (the shipped file unless ``path``), in eval mode."""
-    from lmdfx.models.simplebev import SimpleBEVConfig
+    from lmdfx.bev.models.simplebev import SimpleBEVConfig
 
     path = Path(path) if path is not None else WORLD_WEIGHTS
     if not path.is_file():
         raise LMDError(f"world weights {str(path)!r} not found; train them with "
-                       f"`python -m lmdfx.train_world --out {path}` (a few minutes on a CPU).")
+                       f"`python -m lmdfx.bev.train_world --out {path}` (a few minutes on a CPU).")
     blob = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise LMDError(f"{str(path)!r} is not an lmdfx world-weights file (format {FORMAT}); "
-                       "write one with `python -m lmdfx.train_world`.")
+                       "write one with `python -m lmdfx.bev.train_world`.")
     cfg = blob["config"]
     config = SimpleBEVConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
     model = _world_model(config, blob["init_seed"])
     if abs(_fingerprint(model) - blob["fingerprint"]) > 1e-6 * max(1.0, abs(blob["fingerprint"])):
         raise LMDError(f"the frozen initialisation does not reproduce the one {str(path)!r} was trained "
-                       "with (lmdfx.weights.deterministic_init changed); retrain with `python -m lmdfx.train_world`.")
+                       "with (lmdfx.bev.weights.deterministic_init changed); retrain with `python -m lmdfx.bev.train_world`.")
     trained = blob["trained"]
     own = model.state_dict()
     expected = sorted(k for k in own if is_trained(k))
     if sorted(trained) != expected:
         raise LMDError(f"{str(path)!r} holds tensors {len(trained)} that do not match the world model's "
-                       f"{len(expected)} trained tensors; retrain with `python -m lmdfx.train_world`.")
+                       f"{len(expected)} trained tensors; retrain with `python -m lmdfx.bev.train_world`.")
     with torch.no_grad():
         for k, v in trained.items():
             own[k].copy_(v.to(own[k].dtype))
