@@ -330,13 +330,13 @@ def test_transformer_layer_sub_ops_take_overrides():
     model = build(Encoder, norm_first=True, activation=nn.GELU())
     rules = Rules(overrides={"layer.activation": "tangent", "layer.self_attn": "secant", "layer.norm2": "uniform"})
     dec = lmdfx.compile(model, MODS, rules=rules)
-    sub = dec.module.get_submodule("lmd_rules.layer").sub
+    sub = dec.module.get_submodule("lmd_rules.node_layer").sub
     names = {name: sub[name].name for name in ("activation", "self_attn", "norm1", "norm2")}
     assert names == {"activation": "tangent", "self_attn": "secant", "norm1": "ratio", "norm2": "uniform"}
     check_equality(dec, model, tokens(0))
     # A functional activation (F.gelu) is matched by its op.
     dec = lmdfx.compile(build(Encoder, activation="gelu"), MODS, rules=Rules(overrides={"gelu": "tangent"}))
-    assert dec.module.get_submodule("lmd_rules.layer").sub["activation"].name == "tangent"
+    assert dec.module.get_submodule("lmd_rules.node_layer").sub["activation"].name == "tangent"
 
 
 # -- learned tokens, positions, token concatenation --------------------------------------------

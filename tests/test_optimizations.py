@@ -12,7 +12,7 @@ from torch import nn
 
 import lmdfx
 from lmdfx.bev.models.simplebev import SimpleBEV, SimpleBEVConfig
-from lmdfx.passes.structural_zeros import sliced_affine
+from lmdfx.rules.linear import sliced_affine
 from nets import make_program_net, program_inputs
 
 # Structural zeros only reorder sums inside one layer: 1e-12 of the component scale.

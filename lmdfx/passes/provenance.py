@@ -17,21 +17,10 @@ from typing import Sequence
 
 from torch import fx
 
+from ..ops import DISCRETE_OPS, METADATA_OPS
 from .normalize import returns_indices
 
-# Ops whose result describes a tensor (shape, dtype) or ignores its values.
-METADATA_OPS = {
-    "metadata", "size", "dim", "numel", "nelement", "stride", "is_contiguous", "element_size",
-    "get_device", "zeros_like", "ones_like", "empty_like", "full_like", "new_zeros", "new_ones",
-    "new_full", "new_empty", "rand_like", "randn_like",
-}
-# Ops with a discrete result: masks, indices, signs.
-DISCRETE_OPS = {
-    "gt", "lt", "ge", "le", "eq", "ne", "argmax", "argmin", "argsort", "sign", "isnan", "isinf",
-    "isfinite", "logical_and", "logical_or", "logical_not", "logical_xor", "floor", "ceil",
-    "round", "trunc", "floor_divide", "remainder", "bool", "long", "int", "heaviside",
-    "bucketize", "searchsorted",
-}
+
 def provenance(gm: fx.GraphModule, modality_params: Sequence[str]) -> fx.GraphModule:
     """Annotate ``gm``'s nodes with provenance; ``modality_params`` are forward parameter names in order."""
     index = {name: i for i, name in enumerate(modality_params)}

@@ -22,15 +22,14 @@ from torch.utils import _pytree as pytree
 
 from ..errors import LMDError
 from ..rules.base import BIAS, lift
-from ..rules.linear import AdditiveRule, AffineRule, GetItemRule, IdentityRule, LinearRule
-from ..rules.norms import BatchNormRule, BatchNormUniformRule
-from ..rules.products import ShapleyProductRule
 
 RULES_ATTR = "lmd_rules"
-# Rules that read no operating point and return stacks only: under trunk_mode="sum" the trunk
-# value of their node can be the sum of its components.
-SUMMABLE_RULES = (LinearRule, IdentityRule, GetItemRule, AdditiveRule, AffineRule, BatchNormRule,
-                  BatchNormUniformRule, ShapleyProductRule)
+
+
+def rule_key(node_name: str) -> str:
+    """The rule module's name under ``RULES_ATTR``: any fx node name (``to``, ``double``) is a
+    valid ``ModuleDict`` key once prefixed."""
+    return f"node_{node_name}"
 
 
 def operating_point_entry(rule: nn.Module, frozen: dict | None, key: str, out: Any, args: tuple, kwargs: dict,
@@ -52,11 +51,19 @@ def constant_components(value: Any, k: int) -> torch.Tensor | None:
 
 
 def residual(check: bool, frozen: dict | None, stack: Any, value: Any) -> torch.Tensor | None:
-    """Largest |sum of components − value| and the scale Σ|components|, at the operating point."""
-    if not check or frozen is not None or not isinstance(stack, torch.Tensor):
+    """The equality check of one node at the operating point, as float64
+    ``[max |Σ components − value|, max |value|, max Σ|components|, value not finite]``.
+    Equal infinities count as exact (an additive ``-inf`` mask); a NaN residual means the value
+    or the components are not finite there. Maxima are over the finite elements of the value."""
+    if (not check or frozen is not None or not isinstance(stack, torch.Tensor) or not isinstance(value, torch.Tensor)
+            or not value.is_floating_point() or value.numel() == 0):
         return None
-    error = (stack.sum(0) - value).abs().max()
-    return torch.stack([error, stack.abs().sum(0).max()]).detach()
+    total = stack.sum(0)
+    error = torch.where(total == value, torch.zeros_like(value), (total - value).abs())
+    finite = torch.isfinite(value)
+    scale = torch.where(finite, value.abs(), torch.zeros_like(value)).amax()
+    spread = torch.where(finite, stack.abs().sum(0), torch.zeros_like(value)).amax()
+    return torch.stack([error.amax(), scale, spread, (~finite).any().to(value.dtype)]).detach().double()
 
 
 @dataclass
@@ -160,26 +167,27 @@ def rewrite(gm: fx.GraphModule, modality_names: Sequence[str], record: dict[str,
             output_node = node
             break
         by_sum = (trunk_mode == "sum" and node.meta.get("lmd_kind") == "mixed"
-                  and type(node.meta["lmd_rule"]) in SUMMABLE_RULES)
+                  and node.meta["lmd_rule"].summable)
         if not by_sum:
             trunk[node] = graph.node_copy(node, reference)
         if node.meta.get("lmd_kind") != "mixed":
             continue
         rule = node.meta["lmd_rule"]
-        rules[node.name] = rule
+        key = rule_key(node.name)
+        rules[key] = rule
         stacked_args = fx.node.map_arg(node.args, view)
         stacked_kwargs = fx.node.map_arg(dict(node.kwargs), view)
         constant = None
         if rule.has_operating_point:
             reference_args = fx.node.map_arg(node.args, reference)
             reference_kwargs = fx.node.map_arg(dict(node.kwargs), reference)
-            rule_module = graph.get_attr(f"{RULES_ATTR}.{node.name}")
+            rule_module = graph.get_attr(f"{RULES_ATTR}.{key}")
             constant = graph.call_function(
                 operating_point_entry,
                 (rule_module, frozen, node.name, trunk[node], reference_args, reference_kwargs, stacked_args, stacked_kwargs),
             )
             constants[node.name] = constant
-        stack = graph.call_module(f"{RULES_ATTR}.{node.name}", (constant, stacked_args, stacked_kwargs))
+        stack = graph.call_module(f"{RULES_ATTR}.{key}", (constant, stacked_args, stacked_kwargs))
         stack.meta.update(lmd_branch_of=node.name)
         views[node] = stack
         if by_sum:

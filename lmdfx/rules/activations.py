@@ -107,6 +107,7 @@ class TangentRule(ElementwiseRule):
     """c = f'(A), the gradient at the operating point (a DeepLIFT/Taylor flavour)."""
 
     name = "tangent"
+    tangent = True  # without bias splitting
 
     def slope(self, reference, out, args, kwargs):
         f, _ = self.as_function(args, kwargs, [self.call.decomposed.index(True)])

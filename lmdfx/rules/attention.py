@@ -37,6 +37,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..errors import LMDError
+from ..ops import MODULE_CONVERTERS
 from .base import BIAS, NodeRef, OpCall, Rule, add_to_bias, bind, lift
 from .registry import register, resolve
 
@@ -137,6 +138,7 @@ _SDPA = (("query", None), ("key", None), ("value", None), ("attn_mask", None), (
 
 class _SDPARule(Rule):
     has_operating_point = True
+    slots = (0, 1, 2, "query", "key", "value")
 
     def __init__(self, call: OpCall, options: Any):
         super().__init__(call, options)
@@ -298,6 +300,7 @@ def _heads(stack: torch.Tensor, heads: int) -> torch.Tensor:
 
 class _MHARule(Rule):
     has_operating_point = True
+    slots = (0, 1, 2, "query", "key", "value")
 
     def __init__(self, call: OpCall, options: Any):
         super().__init__(call, options)
@@ -305,7 +308,7 @@ class _MHARule(Rule):
 
     @classmethod
     def supports(cls, call: OpCall) -> bool:
-        return isinstance(call.module, nn.MultiheadAttention)
+        return super().supports(call) and isinstance(call.module, nn.MultiheadAttention)
 
     def _components(self, p: dict) -> int:
         return next(p[n] for n in ("query", "key", "value") if self.flags[n]).shape[0]
@@ -448,10 +451,6 @@ def _sub_call(parent: OpCall, name: str, kind: str, target: Any, op: str, args: 
 
 def _activation_call(parent: OpCall, activation: Any) -> tuple[OpCall, dict]:
     """The activation of a transformer layer (a function or an ``nn`` module) as a sub-op."""
-    from ..passes.normalize import (
-        MODULE_CONVERTERS,  # lazy: passes import the rules package
-    )
-
     kwargs: dict = {}
     module_type = None
     fn = activation
@@ -587,9 +586,12 @@ class TransformerLayerRule(_Composite):
         activation, self.activation_kwargs = _activation_call(call, module.activation)
         self._add(activation, "activation")
 
+    slots = (0, 1, "src", "tgt", "memory")
+
     @classmethod
     def supports(cls, call: OpCall) -> bool:
-        return isinstance(call.module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
+        return super().supports(call) and isinstance(call.module, (nn.TransformerEncoderLayer,
+                                                                   nn.TransformerDecoderLayer))
 
     def _attention(self, tape: _Tape, name: str, x: tuple, memory: tuple, mask: Any, padding: Any) -> tuple:
         kwargs = {"attn_mask": mask, "key_padding_mask": padding, "need_weights": False}
@@ -653,9 +655,11 @@ class TransformerStackRule(_Composite):
         if module.norm is not None:
             self._add(_norm_call(call, "norm", module.norm), "norm")
 
+    slots = (0, 1, "src", "tgt", "memory")
+
     @classmethod
     def supports(cls, call: OpCall) -> bool:
-        return isinstance(call.module, (nn.TransformerEncoder, nn.TransformerDecoder))
+        return super().supports(call) and isinstance(call.module, (nn.TransformerEncoder, nn.TransformerDecoder))
 
     def _run(self, tape, stacks, refs, p):
         module = self.call.module

@@ -60,6 +60,22 @@ class OpCall:
     def n_decomposed(self) -> int:
         return sum(self.decomposed)
 
+    @property
+    def slots(self) -> tuple[int | str, ...]:
+        """For each leaf of the flattened ``(args, kwargs)``: its argument position (an index
+        for a positional argument, the name for a keyword argument)."""
+        out: list[int | str] = []
+        for index, arg in enumerate(self.args):
+            out += [index] * len(pytree.tree_leaves(arg))
+        for name, arg in self.kwargs.items():
+            out += [name] * len(pytree.tree_leaves(arg))
+        return tuple(out)
+
+    @property
+    def decomposed_slots(self) -> frozenset[int | str]:
+        """The argument positions that carry a decomposed value."""
+        return frozenset(slot for slot, flag in zip(self.slots, self.decomposed) if flag)
+
     def static(self, params: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
         """The compile-time arguments bound to ``params`` (NodeRefs for graph values)."""
         return bind(params, self.args, self.kwargs)
@@ -129,6 +145,17 @@ class Rule(nn.Module):
 
     name = "rule"
     has_operating_point = False
+    # Declared properties the passes and tests rely on (never class lists):
+    # ``summable``: reads no operating point, and its output stack is linear in the input stacks,
+    # so the node's value is the sum of its components (the trunk may be computed that way);
+    # ``tangent``: each modality component is the op's tangent map J·D_k (checked against jvp);
+    # ``separates``: at a frozen operating point a component depends on its own modality only.
+    summable = False
+    tangent = False
+    separates = True
+    # Argument positions (index or keyword name) that may carry a decomposed value, per op.
+    slots: tuple[int | str, ...] = (0, "input", "self")
+    op_slots: dict[str, tuple[int | str, ...]] = {}
 
     def __init__(self, call: OpCall, options: Any):
         super().__init__()
@@ -136,9 +163,30 @@ class Rule(nn.Module):
         self.options = options
 
     @classmethod
+    def decomposable(cls, op: str) -> tuple[int | str, ...]:
+        """The argument positions of ``op`` this rule decomposes."""
+        return cls.op_slots.get(op, cls.slots)
+
+    @classmethod
     def supports(cls, call: OpCall) -> bool:
-        """Whether this rule can decompose ``call`` (e.g. which operands are decomposed)."""
-        return True
+        """Whether this rule can decompose ``call``: every decomposed operand sits in a position
+        the rule declares (subclasses add their own conditions)."""
+        used = call.decomposed_slots
+        return bool(used) and used <= set(cls.decomposable(call.op))
+
+    @classmethod
+    def why_not(cls, call: OpCall) -> str:
+        """Why ``supports(call)`` is False, in words."""
+        outside = sorted(map(str, call.decomposed_slots - set(cls.decomposable(call.op))))
+        if outside:
+            return (f"a decomposed operand at argument {', '.join(outside)}, where the op is not linear "
+                    f"(decomposable: {', '.join(map(str, cls.decomposable(call.op)))})")
+        return cls.limitation(call)
+
+    @classmethod
+    def limitation(cls, call: OpCall) -> str:
+        """What else keeps this rule from ``call`` (subclasses with extra conditions say)."""
+        return "its arguments are outside what the rule handles"
 
     def operating_point(
         self, out: Any, args: tuple, kwargs: dict, stacked_args: tuple, stacked_kwargs: dict

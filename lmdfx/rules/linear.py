@@ -9,9 +9,17 @@ import torch
 import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
-from .base import NodeRef, OpCall, Rule, add_to_bias_, as_bias_stack, bind, first_decomposed
+from .base import BIAS, NodeRef, OpCall, Rule, add_to_bias_, as_bias_stack, bind, first_decomposed, lift
 from .registry import register
 
+# Ops that multiply their operands: linear in either operand when only one is decomposed (a
+# product of two decomposed values is the ``product`` family's).
+MULTIPLICATIVE_SLOTS: dict[str, tuple[int | str, ...]] = {
+    "mul": (0, 1, "input", "other"), "matmul": (0, 1, "input", "other"), "mm": (0, 1, "input", "mat2"),
+    "bmm": (0, 1, "input", "mat2"), "einsum": (1, 2, 3, 4, 5, 6, "operands"), "outer": (0, 1, "input", "vec2"),
+    "tensordot": (0, 1, "a", "b"), "dot": (0, 1, "input", "tensor"),
+}
+MULTIPLICATIVE = tuple(MULTIPLICATIVE_SLOTS)
 # Ops linear in their decomposed input, with every other argument a constant.
 STRUCTURAL = (
     "view", "reshape", "permute", "transpose", "t", "flatten", "unflatten", "squeeze",
@@ -23,7 +31,7 @@ STRUCTURAL = (
     "adaptive_avg_pool2d", "adaptive_avg_pool3d", "grid_sample", "pad", "sum", "mean",
     "cumsum", "diagonal", "tril", "triu", "to", "float", "double", "half", "bfloat16",
     "type", "type_as", "real", "T", "mT", "unfold", "fold", "as_strided", "trace",
-    "div", "mul", "matmul", "mm", "bmm", "einsum", "outer", "tensordot", "dot",
+    "div", *MULTIPLICATIVE,
 )
 # Ops whose input is [N, C, *spatial] with N a batch axis, and its spatial rank (0: any, the
 # op requires the batch axis); LinearRule folds the component axis into N for them.
@@ -42,16 +50,24 @@ class LinearRule(Rule):
     """The op is linear in its decomposed argument: apply it to every component (vmap)."""
 
     name = "linear"
+    summable = True
+    tangent = True
+    # Only the first operand is linear: a decomposed divisor, grid, index or shape source is not.
+    op_slots = MULTIPLICATIVE_SLOTS
 
     @classmethod
     def supports(cls, call: OpCall) -> bool:
-        # A decomposed divisor makes division non-linear (Taylor fallback can take it).
-        if call.op == "div":
-            return call.decomposed[0] and call.n_decomposed == 1
+        return super().supports(call) and call.n_decomposed == 1 and not cls.limitation(call)
+
+    @classmethod
+    def limitation(cls, call: OpCall) -> str:
+        if call.n_decomposed != 1:
+            return "more than one decomposed operand (a product: see the product rules)"
         if call.op == "pad":
             p = call.static((("input", None), ("pad", None), ("mode", "constant"), ("value", None)))
-            return p["mode"] != "constant" or p["value"] in (0, 0.0, None)
-        return True
+            if p["mode"] == "constant" and p["value"] not in (0, 0.0, None):
+                return "padding with a nonzero constant is affine, not linear"
+        return ""
 
     def forward(self, constants: Any, args: tuple, kwargs: dict) -> Any:
         spatial = _BATCH_FIRST.get(self.call.op)
@@ -70,6 +86,9 @@ class GetItemRule(Rule):
     """``x[idx]``: picks a stack out of a multi-output node's tuple, or indexes every component."""
 
     name = "getitem"
+    summable = True
+    tangent = True
+    slots = (0,)
 
     def forward(self, constants: Any, args: tuple, kwargs: dict) -> Any:
         container, index = args
@@ -80,12 +99,16 @@ class GetItemRule(Rule):
 
 @register("identity", ops=IDENTITY)
 class IdentityRule(Rule):
-    """Value-preserving ops (``clone``, ``contiguous``, dropout in eval): the stack passes."""
+    """Value-preserving ops (``clone``, ``contiguous``, dropout in eval): the stack passes.
+    ``contiguous`` makes the stack contiguous, so every component is (a ``view`` may follow)."""
 
     name = "identity"
+    summable = True
+    tangent = True
 
     def forward(self, constants: Any, args: tuple, kwargs: dict) -> torch.Tensor:
-        return first_decomposed(args, kwargs, self.call.decomposed)
+        stack = first_decomposed(args, kwargs, self.call.decomposed)
+        return stack.contiguous() if self.call.op == "contiguous" else stack
 
 
 class _Summand:
@@ -98,6 +121,11 @@ class AdditiveRule(Rule):
     a constant operand (context tensor or Python number) is the bias component's."""
 
     name = "additive"
+    summable = True
+    tangent = True
+    slots = (0, "tensors")
+    op_slots = {"add": (0, 1, "input", "other"), "sub": (0, 1, "input", "other"), "rsub": (0, 1, "input", "other"),
+                "where": (1, 2, "input", "other")}
 
     def __init__(self, call: OpCall, options: Any):
         super().__init__(call, options)
@@ -123,12 +151,37 @@ class AdditiveRule(Rule):
             i for i, leaf in enumerate(leaves) if call.decomposed[i] or isinstance(leaf, _Summand)
         ]
 
+    @property
+    def concatenates(self) -> bool:
+        """A ``cat`` along one axis (pass ``structural_zeros`` reads it)."""
+        return self.call.op == "cat"
+
     def forward(self, constants: Any, args: tuple, kwargs: dict) -> Any:
+        if self.call.op == "add" and isinstance(args[0], (tuple, list)):
+            return _concatenate_containers(args, self.call.args)
         op, summands = self.as_function(args, kwargs, self.summand_positions)
         like = first_decomposed(args, kwargs, self.call.decomposed)
         flags = [self.call.decomposed[i] for i in self.summand_positions]
         lifted = [s if flag else as_bias_stack(s, like) for s, flag in zip(summands, flags)]
         return torch.vmap(op)(*lifted)
+
+
+def _concatenate_containers(args: tuple, template: tuple) -> tuple | list:
+    """``(x,) + outs[1:]``: Python container concatenation. Entries that are context tensors
+    (not stacks) become bias-only stacks, so every entry of the result is a stack."""
+    k = next(len(entry) for arg, spec in zip(args, template) for entry, ref in _entries(arg, spec)
+             if isinstance(ref, NodeRef) and ref.decomposed)
+    parts = [type(arg)(entry if isinstance(ref, NodeRef) and ref.decomposed or not isinstance(entry, torch.Tensor)
+                       else lift(entry, BIAS, k) for entry, ref in _entries(arg, spec)) for arg, spec in zip(args, template)]
+    return parts[0] + parts[1]
+
+
+def _entries(arg: Any, spec: Any) -> list[tuple[Any, Any]]:
+    """Pairs (runtime entry, compile-time template) of a container operand; a container that is
+    one node (``outs[1:]``) is all stacks."""
+    if isinstance(spec, (tuple, list)):
+        return list(zip(arg, spec))
+    return [(entry, spec) for entry in arg]
 
 
 _CONV = (("input", None), ("weight", None), ("bias", None), ("stride", 1), ("padding", 0),
@@ -146,10 +199,9 @@ class AffineRule(Rule):
     """
 
     name = "affine"
-
-    @classmethod
-    def supports(cls, call: OpCall) -> bool:
-        return call.decomposed[0] and call.n_decomposed == 1
+    summable = True
+    tangent = True
+    slots = (0, "input")
 
     def forward(self, constants: Any, args: tuple, kwargs: dict) -> torch.Tensor:
         op = self.call.op
@@ -171,4 +223,113 @@ class AffineRule(Rule):
         return out if bias is None else add_to_bias_(out, bias)  # out is this rule's own result
 
 
-__all__ = ["LinearRule", "GetItemRule", "IdentityRule", "AdditiveRule", "AffineRule"]
+
+# ---------------------------------------------------------------------------------------------
+# An affine layer over a concatenation of undecomposed operands (pass ``structural_zeros``)
+# ---------------------------------------------------------------------------------------------
+_LINEAR = (("input", None), ("weight", None), ("bias", None))
+_CAT = (("tensors", None), ("dim", 0))
+
+
+def _signature(op: str) -> tuple[tuple[str, Any], ...]:
+    if op == "linear":
+        return _LINEAR
+    return _CONV_T if op.startswith("conv_transpose") else _CONV
+
+
+def _slice_op(op: str, x: torch.Tensor, weight: torch.Tensor, start: int, width: int, p: dict) -> torch.Tensor:
+    """The layer without bias applied to ``x``, using the input channels [start, start+width) of the weight."""
+    if op == "linear":
+        return F.linear(x, weight.narrow(1, start, width))
+    rest = {name: value for name, value in p.items() if name not in ("input", "weight", "bias")}
+    if op.startswith("conv_transpose"):
+        return getattr(F, op)(x, weight.narrow(0, start, width), None, **rest)
+    return getattr(F, op)(x, weight.narrow(1, start, width), None, **rest)
+
+
+def _channel_dim(op: str, rank: int) -> int:
+    """The axis of the original input that the layer contracts (its input channels)."""
+    if op == "linear":
+        return rank - 1
+    spatial = int(op[-2])
+    return 1 if rank == spatial + 2 else 0
+
+
+def sliced_affine(
+    affine: "AffineRule", cat: "AdditiveRule", parts: list, owners: list[int], k: int, args: tuple, kwargs: dict
+) -> torch.Tensor:
+    """The stack of ``affine`` applied to ``cat(parts)``, where part i belongs wholly to component
+    ``owners[i]``: component c is the sum over c's parts of the layer on that part with the
+    matching weight slice; a component without parts is zero; the layer's bias is the bias
+    component's. Along an axis the layer does not contract (tokens for a linear layer, the batch
+    for a convolution), each part goes through the whole layer once instead. Falls back to
+    lifting and the generic rules otherwise (a spatial axis of a convolution, grouped
+    convolution over the channels)."""
+    op = affine.call.op
+    p = bind(_signature(op), args, kwargs)
+    weight, bias = p["weight"], p["bias"]
+    first = parts[0]
+    dim = cat.call.static(_CAT)["dim"]
+    rank = first.dim() if isinstance(first, torch.Tensor) else 0
+    same = isinstance(dim, int) and rank > 0 and all(isinstance(x, torch.Tensor) and x.dim() == rank for x in parts)
+    contracted = same and dim % rank == _channel_dim(op, rank)
+    if same and not contracted and _commutes(op, dim % rank, rank):
+        return _per_part(op, weight, bias, p, parts, owners, k, dim)
+    if not (contracted and p.get("groups", 1) == 1):
+        # Pure operands as the lifted stacks the cat rule expects; context operands stay plain.
+        lifted = [x if owner == BIAS else lift(x, owner, k) for x, owner in zip(parts, owners)]
+        cat_args = (lifted, *cat.call.args[1:])
+        stack = cat(None, cat_args, cat.call.kwargs)
+        return affine(None, (stack, *args[1:]), kwargs) if "input" not in kwargs else affine(
+            None, args, {**kwargs, "input": stack})
+    outputs: list[torch.Tensor | None] = [None] * k
+    start = 0
+    for x, owner in zip(parts, owners):
+        width = x.shape[dim]
+        y = _slice_op(op, x, weight, start, width, p)
+        index = owner % k
+        outputs[index] = y if outputs[index] is None else outputs[index] + y
+        start += width
+    like = next(y for y in outputs if y is not None)
+    if bias is not None:
+        shaped = bias if op == "linear" else bias.view(-1, *([1] * int(op[-2])))
+        outputs[BIAS] = shaped.expand_as(like) if outputs[BIAS] is None else outputs[BIAS] + shaped
+    zeros = None
+    for index, y in enumerate(outputs):
+        if y is None:
+            zeros = torch.zeros_like(like) if zeros is None else zeros
+            outputs[index] = zeros
+    return torch.stack(outputs)
+
+
+def _commutes(op: str, dim: int, rank: int) -> bool:
+    """Whether the layer applied to a concatenation along ``dim`` is the concatenation of the
+    layer on each part: any axis but the features for a linear layer, the batch axis for a
+    convolution (spatial axes do not: kernels straddle the seams)."""
+    if op == "linear":
+        return dim != rank - 1
+    return dim == 0 and rank == int(op[-2]) + 2
+
+
+def _per_part(op: str, weight: torch.Tensor, bias: Any, p: dict, parts: list, owners: list[int], k: int,
+              dim: int) -> torch.Tensor:
+    """The stack of the layer over ``cat(parts, dim)`` along a non-contracted axis: each part goes
+    through the layer once, and component c is the concatenation of c's part outputs with
+    zeros in the other parts' places; the layer's bias is the bias component's everywhere."""
+    width = weight.shape[0 if op.startswith("conv_transpose") else 1]
+    outputs = [_slice_op(op, x, weight, 0, width, p) for x in parts]
+    zeros = [torch.zeros_like(y) for y in outputs]
+    stack = torch.stack([
+        torch.cat([y if owner % k == c else z for y, z, owner in zip(outputs, zeros, owners)], dim)
+        for c in range(k)
+    ])
+    if bias is not None:
+        shaped = bias if op == "linear" else bias.view(-1, *([1] * int(op[-2])))
+        stack[BIAS] += shaped
+    return stack
+
+
+# Pass ``structural_zeros`` asks an affine rule for this, not for its class.
+AffineRule.over_concatenation = staticmethod(sliced_affine)
+
+__all__ = ["LinearRule", "GetItemRule", "IdentityRule", "AdditiveRule", "AffineRule", "sliced_affine"]

@@ -37,11 +37,19 @@ class BatchNormRule(Rule):
     """Eval-mode BatchNorm: scale every component by s; t to the bias (or 1/K each, ``uniform``)."""
 
     name = "identity"
+    summable = True
+    tangent = True
 
     @classmethod
     def supports(cls, call: OpCall) -> bool:
+        return super().supports(call) and not cls.limitation(call)
+
+    @classmethod
+    def limitation(cls, call: OpCall) -> str:
         p = call.static(_BATCH_NORM)
-        return p["training"] is False and p["running_mean"] is not None
+        if p["training"] is not False or p["running_mean"] is None:
+            return "batch statistics (training=True or no running statistics) are not an affine map"
+        return ""
 
     def forward(self, constants: Any, args: tuple, kwargs: dict) -> torch.Tensor:
         p = bind(_BATCH_NORM, args, kwargs)
@@ -59,6 +67,7 @@ class BatchNormRule(Rule):
 @register("batchnorm", "uniform")
 class BatchNormUniformRule(BatchNormRule):
     name = "uniform"
+    tangent = False  # modality components also take 1/K of the shift
 
 
 _SIGNATURES = {
@@ -78,9 +87,13 @@ class PerSampleNormRule(Rule):
 
     @classmethod
     def supports(cls, call: OpCall) -> bool:
-        if call.op == "instance_norm":
-            return call.static(_SIGNATURES["instance_norm"])["use_input_stats"] is True
-        return call.decomposed[0] and call.n_decomposed == 1
+        return super().supports(call) and not cls.limitation(call)
+
+    @classmethod
+    def limitation(cls, call: OpCall) -> str:
+        if call.op == "instance_norm" and call.static(_SIGNATURES["instance_norm"])["use_input_stats"] is not True:
+            return "instance_norm with running statistics (use_input_stats=False) is not handled"
+        return ""
 
     def _grouped(self, x: torch.Tensor, p: dict, leading: int) -> torch.Tensor:
         """View ``x`` so the normalised elements of one statistic are the trailing dims."""

@@ -15,13 +15,20 @@ from typing import Any
 import torch
 
 from .base import BIAS, OpCall, Rule
+from .linear import MULTIPLICATIVE, MULTIPLICATIVE_SLOTS
 from .registry import register
 
 
 class _BinaryProduct(Rule):
+    op_slots = MULTIPLICATIVE_SLOTS
+
     @classmethod
     def supports(cls, call: OpCall) -> bool:
-        return call.n_decomposed == 2
+        return super().supports(call) and call.n_decomposed == 2
+
+    @classmethod
+    def limitation(cls, call: OpCall) -> str:
+        return f"{call.n_decomposed} decomposed operands (a product rule takes exactly two)"
 
     def _bilinear(self, args: tuple, kwargs: dict):
         """The op as a function of its two decomposed operands, and those operands."""
@@ -29,9 +36,12 @@ class _BinaryProduct(Rule):
         return op, x, y
 
 
-@register("product", "shapley", ops=())
+@register("product", "shapley", ops=MULTIPLICATIVE)
 class ShapleyProductRule(_BinaryProduct):
     name = "shapley"
+    summable = True
+    # A modality's share of a cross term moves with the other modality's input.
+    separates = False
 
     def forward(self, constants: Any, args: tuple, kwargs: dict) -> torch.Tensor:
         op, x, y = self._bilinear(args, kwargs)

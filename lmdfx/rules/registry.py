@@ -1,20 +1,27 @@
-"""The rule registry: canonical op -> rule family -> variant, and the ``Rules`` presets.
+"""The rule registry: canonical op -> candidate rule families -> variants, and the ``Rules`` presets.
 
 A family groups ops that share a decomposition choice (all element-wise activations share
-``Rules.activation``). Adding a rule for a new op means registering its canonical name in the
-module that implements the family.
+``Rules.activation``). Each rule class declares which argument positions of an op it can
+decompose (``Rule.slots`` / ``Rule.op_slots``) and any further condition (``Rule.supports``).
+An op may have several candidate families (``mul``: ``linear`` when one operand is decomposed,
+``product`` when two are); they are tried by descending ``priority``, then in registration
+order, and the first whose chosen variant supports the node wins. Adding a rule for a new op
+means registering its canonical name, with an ``Example`` (``lmdfx.rules.examples``), in the
+module that implements the family; the registry-driven tests then cover it.
 """
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from ..errors import LMDError
 from .base import OpCall, Rule
 
 FAMILIES: dict[str, dict[str, type[Rule]]] = {}
-OPS: dict[str, str] = {}
+OPS: dict[str, list[str]] = {}  # op -> candidate families, highest priority first
+_PRIORITY: dict[str, int] = {}
 
 # Families whose variant the user chooses, and the ``Rules`` field that chooses it.
 CHOICES: dict[str, str] = {
@@ -27,21 +34,40 @@ CHOICES: dict[str, str] = {
     "sdpa": "softmax",
     "multihead_attention": "softmax",
 }
+# ``Rules`` options that are not a family's variant.
+OPTIONS: dict[str, tuple[str, ...]] = {
+    "bias_split": ("none", "sum", "ratio"),
+    "fallback": ("error", "taylor"),
+}
 
-# Ops that multiply their operands: linear when one operand is decomposed, a product when two are.
-MULTILINEAR = {"mul", "matmul", "mm", "bmm", "einsum", "outer", "tensordot", "dot"}
 
-
-def register(family: str, variant: str = "default", ops: tuple[str, ...] = ()):
-    """Class decorator: register a rule as ``variant`` of ``family`` and map ``ops`` to it."""
+def register(family: str, variant: str = "default", ops: Iterable[str] = (), priority: int = 0):
+    """Class decorator: register a rule as ``variant`` of ``family`` and make ``family`` a
+    candidate for each op in ``ops``. Registering a variant or an op twice is an error."""
 
     def decorate(cls: type[Rule]) -> type[Rule]:
-        FAMILIES.setdefault(family, {})[variant] = cls
+        variants = FAMILIES.setdefault(family, {})
+        if variant in variants:
+            raise LMDError(f"Rule {cls.__name__}: family {family!r} already has a variant {variant!r} "
+                           f"({variants[variant].__name__}).")
+        variants[variant] = cls
+        _PRIORITY.setdefault(family, priority)
         for op in ops:
-            OPS[op] = family
+            candidates = OPS.setdefault(op, [])
+            if family in candidates:
+                raise LMDError(f"Op {op!r} is registered twice for family {family!r}.")
+            candidates.append(family)
+            candidates.sort(key=lambda f: -_PRIORITY[f])  # stable: ties keep registration order
         return cls
 
     return decorate
+
+
+def choices(option: str) -> tuple[str, ...]:
+    """The values a ``Rules`` option accepts, from the registry."""
+    if option in OPTIONS:
+        return OPTIONS[option]
+    return tuple(FAMILIES[option])
 
 
 @dataclass(frozen=True)
@@ -50,7 +76,8 @@ class Rules:
 
     ``overrides`` maps a module qualified name, a module type, or a canonical op name (e.g.
     ``"relu"``) to a variant name (``"tangent"``, ``"taylor"``, ...) or to a ``Rule`` subclass.
-    Lookups go module name, then module type, then op.
+    Lookups go module name, then module type, then op. A key that matches nothing in the
+    model, or a variant that cannot decompose the node it matches, is an ``LMDError``.
     """
 
     activation: str = "secant"
@@ -64,31 +91,22 @@ class Rules:
     overrides: Mapping[Any, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        allowed = {
-            "activation": ("secant", "tangent"),
-            "bias_split": ("none", "sum", "ratio"),
-            "batchnorm": ("identity", "uniform"),
-            "norm": ("ratio", "identity", "uniform"),
-            "product": ("shapley", "freeze"),
-            "softmax": ("freeze", "secant"),
-            "fallback": ("error", "taylor"),
-        }
-        for name, choices in allowed.items():
+        for name in (*OPTIONS, *sorted(set(CHOICES.values()))):
             value = getattr(self, name)
-            if value not in choices:
-                raise LMDError(
-                    f"Rules({name}={value!r}) is not a known choice; use one of {', '.join(choices)}."
-                )
+            allowed = choices(name)
+            if value not in allowed:
+                raise LMDError(f"Rules({name}={value!r}) is not a known choice; use one of {', '.join(allowed)}.")
         if not self.eps > 0:
             raise LMDError(f"Rules(eps={self.eps!r}) must be a positive number.")
 
 
-def family_of(call: OpCall) -> str | None:
-    """The rule family of a mixed node, or None when no family covers its op."""
-    family = OPS.get(call.op)
-    if call.op in MULTILINEAR:
-        return "product" if call.n_decomposed >= 2 else "linear"
-    return family
+# Override keys that matched a call since the last ``matched_overrides().clear()``: sub-ops of
+# composite rules (a transformer layer's activation) are not graph nodes, only calls.
+_MATCHED: set[Any] = set()
+
+
+def matched_overrides() -> set[Any]:
+    return _MATCHED
 
 
 def _override_for(call: OpCall, overrides: Mapping[Any, Any]) -> Any:
@@ -98,31 +116,82 @@ def _override_for(call: OpCall, overrides: Mapping[Any, Any]) -> Any:
     keys = [call.layer, module_type] if module_type is not None else []
     for key in (*keys, call.op):
         if key in overrides:
+            _MATCHED.add(key)
             return overrides[key]
     return None
 
 
+def _where(call: OpCall) -> str:
+    return f"node {call.node!r} (op {call.op!r}, module {call.layer or '<top level>'!r}, {call.source or 'no source'})"
+
+
+def _taylor(call: OpCall, rules: Rules) -> Rule | None:
+    cls = FAMILIES["taylor"]["default"]
+    return cls(call, rules) if cls.supports(call) else None
+
+
 def resolve(call: OpCall, rules: Rules) -> Rule | None:
-    """The rule for a mixed node under ``rules``, or None if the op is unsupported."""
+    """The rule for a mixed node under ``rules``, or None if no rule decomposes it."""
     override = _override_for(call, rules.overrides)
     if isinstance(override, type) and issubclass(override, Rule):
+        if not override.supports(call):
+            raise LMDError(f"Rule override {override.__name__} cannot decompose {_where(call)}: "
+                           f"{override.why_not(call)}.")
         return override(call, rules)
-    if override == "taylor" or (override is None and family_of(call) is None and rules.fallback == "taylor"):
-        return FAMILIES["taylor"]["default"](call, rules)
-    family = family_of(call)
-    if family is None:
-        return None
-    variants = FAMILIES[family]
-    variant = override or (getattr(rules, CHOICES[family]) if family in CHOICES else "default")
-    if variant not in variants:
-        raise LMDError(
-            f"Rule override {variant!r} for node {call.node!r} (module {call.layer or '<top level>'!r}, "
-            f"op {call.op!r}, family {family!r}) "
-            f"is unknown; this family has: {', '.join(sorted(variants))}, or 'taylor'."
-        )
-    cls = variants[variant]
-    if not cls.supports(call):
-        if rules.fallback == "taylor":
-            return FAMILIES["taylor"]["default"](call, rules)
-        return None
-    return cls(call, rules)
+    if override == "taylor":
+        rule = _taylor(call, rules)
+        if rule is None:
+            raise LMDError(f"Rule override 'taylor' cannot decompose {_where(call)}: it has no floating-point "
+                           "decomposed operand.")
+        return rule
+    families = OPS.get(call.op, [])
+    if override is not None:
+        if not any(override in FAMILIES[f] for f in families):
+            known = [f"{f}: {', '.join(sorted(FAMILIES[f]))}" for f in families]
+            raise LMDError(f"Rule override {override!r} for {_where(call)} is unknown; its rule families and "
+                           f"variants are {'; '.join(known) or 'none'}, or 'taylor'.")
+    reasons = []
+    for family in families:
+        variants = FAMILIES[family]
+        variant = override if override in variants else (getattr(rules, CHOICES[family]) if family in CHOICES
+                                                          else "default")
+        cls = variants.get(variant) or variants.get("default")
+        if cls is None:
+            continue
+        if cls.supports(call):
+            return cls(call, rules)
+        reasons.append(f"{family}/{variant}: {cls.why_not(call)}")
+    if override is not None:
+        raise LMDError(f"Rule override {override!r} cannot decompose {_where(call)}: {'; '.join(reasons)}.")
+    if rules.fallback == "taylor":
+        return _taylor(call, rules)
+    return None
+
+
+def why_unsupported(call: OpCall) -> str:
+    """One line on why no registered rule takes ``call`` (for ``UnsupportedOpError``)."""
+    families = OPS.get(call.op, [])
+    if not families:
+        return "no rule is registered for this op"
+    return "; ".join(f"{family}: {next(iter(FAMILIES[family].values())).why_not(call)}" for family in families)
+
+
+def check_override_keys(overrides: Mapping[Any, Any], names: set[str], types: set[type], ops: set[str]) -> None:
+    """Raise ``LMDError`` for override keys that match no module name, module type or op of the model."""
+    unknown = []
+    for key in overrides:
+        if isinstance(key, type):
+            if key not in types:
+                present = sorted(t.__name__ for t in types)
+                unknown.append(f"module type {key.__name__} (types in the model: "
+                               f"{', '.join(difflib.get_close_matches(key.__name__, present, 5, 0.3)) or 'none close'})")
+        elif isinstance(key, str):
+            if key not in names and key not in ops:
+                close = difflib.get_close_matches(key, sorted(names | ops), 5, 0.5)
+                unknown.append(f"{key!r} (closest names: {', '.join(close) or 'none'})")
+        else:
+            unknown.append(f"{key!r} (keys are module names, module types or op names)")
+    if unknown:
+        raise LMDError("Rules(overrides=...) keys match nothing in the model: " + "; ".join(unknown)
+                       + ". Use a module qualified name from model.named_modules(), a module type, or a "
+                         "canonical op name shown in dec.report().")

@@ -27,6 +27,7 @@ class MaxPoolRule(Rule):
 
     name = "indices"
     has_operating_point = True
+    tangent = True
 
     def _returns_indices(self) -> bool:
         params = {"input": None, "kernel_size": None, "stride": None, "padding": 0, "dilation": 1,
@@ -63,6 +64,8 @@ class SelectRule(Rule):
 
     name = "indices"
     has_operating_point = True
+    tangent = True
+    op_slots = {op: (0, 1, "input", "other") for op in ("maximum", "minimum", "fmax", "fmin", "max", "min")}
 
     def __init__(self, call: OpCall, options: Any):
         super().__init__(call, options)
@@ -79,10 +82,15 @@ class SelectRule(Rule):
 
     @classmethod
     def supports(cls, call: OpCall) -> bool:
+        return super().supports(call) and not cls.limitation(call)
+
+    @classmethod
+    def limitation(cls, call: OpCall) -> str:
         if call.op in ("amax", "amin"):
             dim = call.static(_REDUCE)["dim"]
-            return isinstance(dim, int) or (isinstance(dim, (tuple, list)) and len(dim) == 1)
-        return True
+            if not (isinstance(dim, int) or (isinstance(dim, (tuple, list)) and len(dim) == 1)):
+                return "amax/amin over several dims (or all) is not handled; reduce one dim at a time"
+        return ""
 
     def _larger(self) -> bool:
         return self.call.op in ("max", "amax", "maximum", "fmax")
