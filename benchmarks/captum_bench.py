@@ -141,7 +141,7 @@ def run(device: torch.device, chunk: int, pixels: int | None, repeats: int) -> d
     inputs = (named["feat_bev"], named["radar_bev"])
     h, w = GRID[0], GRID[2]
     dec = lmdfx.compile(PostFusion(model).eval(), {"camera": "feat_bev", "radar": "radar_bev"})
-    dec.check_residuals = False
+    dec.check = "off"
     with torch.no_grad():
         lmdfx_per_pixel(dec, inputs)  # warm-up
         times = []

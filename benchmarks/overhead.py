@@ -7,7 +7,7 @@ the forward; the decomposition unoptimised, with the default optimisations (exac
 and with ``exact_output=False`` (trunk of the post-fusion part = sum of components); the same
 under ``torch.compile(backend="inductor")``; and the post-fusion part alone (fusion conv +
 decoder, with camera BEV features and radar BEV as the modalities). Residual checks are off
-(``Decomposer.check_residuals = False``) except in the row that says otherwise.
+(``Decomposer.check = "off"``) except in the row that says otherwise.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ MODES = {  # name: compile options
 
 def _decomposer(model: torch.nn.Module, modalities: dict[str, str], check: bool = False, **options: Any):
     dec = lmdfx.compile(model, modalities, **options)
-    dec.check_residuals = check
+    dec.check = "raise" if check else "off"
     return dec
 
 

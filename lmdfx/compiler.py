@@ -13,7 +13,7 @@ from .passes import optimize as optimize_graph
 from .passes.optimize import TrunkDispatch
 from .report import Report
 from .rules import Rules
-from .runtime import Decomposer
+from .runtime import CHECKS, Decomposer
 
 _RESERVED = ("operating_point", "lmd_frozen", "lmd_check")
 
@@ -28,6 +28,7 @@ def compile(
     concrete_args: dict[str, Any] | None = None,
     optimize: bool = True,
     exact_output: bool = True,
+    check: str = "raise",
 ) -> Decomposer:
     """Compile ``model`` into a decomposer returning one component per modality plus bias.
 
@@ -39,6 +40,10 @@ def compile(
     ``exact_output=False``: after the fusion layer the trunk is, where no rule needs its own
     value, the sum of the components, which saves one run of the post-fusion layers per call;
     ``res.output`` then equals ``model(...)`` to rounding instead of bitwise.
+    ``check``: after every reference call each mixed node's components must sum to its value
+    within a dtype-aware tolerance relative to max |value| (``lmdfx.runtime.tolerance``) and be
+    finite; ``"raise"`` raises ``ExactnessError`` naming the first node that is not, ``"warn"``
+    warns, ``"off"`` skips the check (and the input NaN/Inf check).
     The model is never modified.
     """
     if not isinstance(model, nn.Module):
@@ -56,6 +61,13 @@ def compile(
         if param not in params:
             raise LMDError(f"Modality {name!r} names forward parameter {param!r}, but "
                            f"{type(model).__name__}.forward has parameters: {', '.join(params)}.")
+    shared = sorted({p for p in modalities.values() if list(modalities.values()).count(p) > 1})
+    if shared:
+        names = {p: [m for m, q in modalities.items() if q == p] for p in shared}
+        raise LMDError(f"Modalities {names} share a forward parameter; each modality needs its own input "
+                       "(one component per parameter).")
+    if check not in CHECKS:
+        raise LMDError(f"check={check!r} is not a known choice; use one of {', '.join(CHECKS)}.")
     if "bias" in modalities:
         raise LMDError("'bias' is the name of the bias component; give that modality another name.")
     clash = [p for p in params if p in _RESERVED]
@@ -75,4 +87,4 @@ def compile(
     if not exact_output:
         summed, _ = rewrite(gm, list(modalities), recorded, trunk_mode="sum")
         decomposed = TrunkDispatch(optimize_graph(summed, structural=optimize), decomposed)
-    return Decomposer(model, decomposed, layout, modalities, report, backend=backend)
+    return Decomposer(model, decomposed, layout, modalities, report, backend=backend, check=check)

@@ -8,7 +8,7 @@ class LMDError(Exception):
 
 
 class TraceError(LMDError):
-    """The model could not be symbolically traced by torch.fx."""
+    """The model could not be captured as a graph."""
 
 
 class UnsupportedOpError(LMDError):
@@ -17,3 +17,12 @@ class UnsupportedOpError(LMDError):
     def __init__(self, message: str, nodes: list[dict] | None = None):
         super().__init__(message)
         self.nodes = nodes or []
+
+
+class ExactnessError(LMDError):
+    """The components do not sum to a node's value within the dtype's tolerance, or a value
+    or component is not finite. ``row`` is the node's ``report()`` row."""
+
+    def __init__(self, message: str, row: object = None):
+        super().__init__(message)
+        self.row = row

@@ -1,10 +1,11 @@
-"""``dec.report()``: one row per node of the traced model — layer, op, provenance, rule and
-the largest equality residual seen in the last call."""
+"""``dec.report()``: one row per node of the traced model — layer, op, provenance, rule — and,
+after a reference call, each mixed node's equality residual and cancellation ratio."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import networkx as nx
 import torch
@@ -19,14 +20,37 @@ class Row:
     kind: str  # context | pure | mixed | frozen
     provenance: tuple[str, ...]
     rule: str
-    residual: float | None = None  # max |Σ components − value| in the last call
-    scale: float | None = None  # max Σ|components| at the same node
+    source: str = ""
+    residual: float | None = None  # max |Σ components − value| in the last reference call
+    scale: float | None = None  # max |value| at the same node (finite elements)
+    spread: float | None = None  # max Σ|components|
+    tolerance: float | None = None  # allowed residual / scale for the node's dtype
+    eps: float | None = None  # machine epsilon of the node's dtype
+    value_finite: bool = True
+
+    @property
+    def ratio(self) -> float | None:
+        """Cancellation ratio Σ|components| / |value| (maxima over elements)."""
+        if self.spread is None:
+            return None
+        return self.spread / self.scale if self.scale else (0.0 if self.spread == 0 else math.inf)
+
+    @property
+    def relative_residual(self) -> float | None:
+        if self.residual is None:
+            return None
+        return self.residual / self.scale if self.scale else (0.0 if self.residual == 0 else math.inf)
+
+    def where(self) -> str:
+        return (f"node {self.node!r} (op {self.op!r}, module {self.layer or '<top level>'!r}, rule {self.rule!r}, "
+                f"{self.source or '<unknown source>'})")
 
 
 class Report:
     """Rows for every computing node, plus the fusion frontier and residual summary."""
 
-    def __init__(self, gm: fx.GraphModule, modality_names: Sequence[str]):
+    def __init__(self, gm: fx.GraphModule, modality_names: Sequence[str], frontend: str = "fx"):
+        self.frontend = frontend
         self.rows: list[Row] = []
         for node in gm.graph.nodes:
             if node.op in ("output", "get_attr"):
@@ -40,21 +64,83 @@ class Report:
                 provenance=tuple(modality_names[i] for i in sorted(node.meta["lmd_provenance"])),
                 rule=rule.name if rule is not None else {"pure": "whole (one modality)", "frozen": "operating point"}.get(
                     node.meta["lmd_kind"], "-"),
+                source=node.meta.get("lmd_source", ""),
             ))
         self.graph = to_networkx(gm)
         self.fusion_nodes = fusion_frontier(self.graph)
         self._by_node = {row.node: row for row in self.rows}
 
-    def update_residuals(self, residuals: dict[str, torch.Tensor | None]) -> None:
-        for name, value in residuals.items():
-            if value is not None:
-                row = self._by_node[name]
-                row.residual, row.scale = float(value[0]), float(value[1])
+    def update_residuals(self, residuals: dict[str, torch.Tensor | None],
+                         tolerance: Callable[[float], float]) -> tuple[str, Row] | None:
+        """Store the last reference call's checks (``rewrite.residual`` rows, in graph order);
+        return (message, row) for the first node that is not finite or not exact, else None."""
+        names = [name for name, value in residuals.items() if value is not None]
+        if not names:
+            return None
+        values = torch.stack([residuals[name] for name in names]).tolist()  # one device sync
+        failure = None
+        for name, (error, scale, spread, not_finite, eps) in zip(names, values):
+            row = self._by_node[name]
+            row.residual, row.scale, row.spread = error, scale, spread
+            row.tolerance, row.eps, row.value_finite = tolerance(eps), eps, not not_finite
+            if failure is not None:
+                continue
+            if not math.isfinite(error):
+                failure = (self._nonfinite_message(row), row)
+            elif error > row.tolerance * scale:
+                failure = (self._inexact_message(row), row)
+        return failure
+
+    def _nonfinite_message(self, row: Row) -> str:
+        if not row.value_finite:
+            return (f"The model's own value is NaN or Inf at {row.where()}, the first node where it appears; "
+                    "its decomposition cannot be exact. Check the inputs and the model at that layer.")
+        return (f"The components became NaN or Inf at {row.where()} (the model's value is finite there). "
+                f"{self._suggestion(row)}")
+
+    def _inexact_message(self, row: Row) -> str:
+        return (f"The components do not sum to the value at {row.where()}: residual {row.residual:.3g}, "
+                f"value scale max|value| {row.scale:.3g} (relative {row.relative_residual:.3g} > tolerance "
+                f"{row.tolerance:.0e}), cancellation ratio Σ|components|/|value| {row.ratio:.3g}. "
+                f"{self._suggestion(row)}")
+
+    def _suggestion(self, row: Row) -> str:
+        """Where the components started to cancel and which rule choice avoids it."""
+        first = self.first_cancelling(row)
+        text = ""
+        if first is not None and first is not row:
+            text = f"Components first grew past the value at {first.where()} (ratio {first.ratio:.3g}). "
+        upstream = nx.ancestors(self.graph, row.node) | {row.node}
+        shapley = [r for r in self.rows if r.node in upstream and r.rule == "shapley"]
+        if shapley:
+            text += (f"Products of two decomposed values upstream use the 'shapley' rule (e.g. {shapley[0].where()}), "
+                     "which multiplies large opposite-signed components; Rules(product='freeze') keeps them bounded. ")
+        return text + ("Inspect dec.report(); compile with check='warn' to get the result anyway, or report the "
+                       "rule as a bug if no choice helps.")
+
+    def first_cancelling(self, row: Row | None = None) -> Row | None:
+        """The first node (in graph order, upstream of ``row`` if given) whose cancellation ratio
+        makes its components meaningless at its dtype: ratio > tolerance / eps."""
+        upstream = None if row is None else nx.ancestors(self.graph, row.node) | {row.node}
+        for r in self.rows:
+            if r.ratio is None or (upstream is not None and r.node not in upstream):
+                continue
+            if r.ratio > r.tolerance / r.eps:
+                return r
+        return None
+
+    def cancellation_warning(self) -> str | None:
+        first = self.first_cancelling()
+        if first is None:
+            return None
+        return (f"Components cancel: at {first.where()} Σ|components| is {first.ratio:.3g}× the value, so their "
+                f"rounding alone can exceed the tolerance; the components are not meaningful there. "
+                f"{self._suggestion(first)}")
 
     @property
     def max_relative_residual(self) -> float | None:
-        """max over nodes of residual / scale in the last call (None before any call)."""
-        ratios = [r.residual / max(r.scale, 1e-300) for r in self.rows if r.residual is not None]
+        """max over nodes of residual / max|value| in the last reference call (None before any)."""
+        ratios = [r.relative_residual for r in self.rows if r.residual is not None]
         return max(ratios) if ratios else None
 
     def counts(self) -> dict[str, int]:
@@ -64,19 +150,23 @@ class Report:
         return out
 
     def __str__(self) -> str:
-        header = ("node", "layer", "op", "provenance", "rule", "residual")
+        header = ("node", "layer", "op", "provenance", "rule", "residual", "cancellation")
         table = [header] + [
             (r.node, r.layer or "-", r.op, f"{r.kind}:{'+'.join(r.provenance) or '-'}", r.rule,
-             "-" if r.residual is None else f"{r.residual:.2e}")
+             "-" if r.residual is None else f"{r.relative_residual:.1e}",
+             "-" if r.ratio is None else f"{r.ratio:.3g}")
             for r in self.rows
         ]
         widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
         lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
         lines.insert(1, "  ".join("-" * w for w in widths))
         counts = ", ".join(f"{v} {k}" for k, v in sorted(self.counts().items()))
-        summary = [f"nodes: {counts}", f"fusion nodes (first to mix modalities): {', '.join(self.fusion_nodes) or 'none'}"]
+        summary = [f"frontend: {self.frontend}", f"nodes: {counts}",
+                   f"fusion nodes (first to mix modalities): {', '.join(self.fusion_nodes) or 'none'}"]
         if self.max_relative_residual is not None:
-            summary.append(f"largest relative equality residual in the last call: {self.max_relative_residual:.2e}")
+            summary.append(f"largest residual relative to the node's value in the last call: "
+                           f"{self.max_relative_residual:.2e} (residual = max|Σ components − value| / max|value|; "
+                           "cancellation = max Σ|components| / max|value|)")
         return "\n".join(lines + [""] + summary)
 
     __repr__ = __str__

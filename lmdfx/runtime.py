@@ -4,26 +4,45 @@ and ``OperatingPoint`` (the constants of one reference pass)."""
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any, Callable, Mapping
 
 import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from .errors import LMDError
+from .errors import ExactnessError, LMDError
 from .passes import Layout
+from .passes.rewrite import RULES_ATTR
 from .report import Report
+
+CHECKS = ("raise", "warn", "off")
+
+
+def tolerance(dtype_eps: float, device: torch.device | None = None) -> float:
+    """The largest residual |Σ components − value| allowed at a node, relative to max |value|:
+    1e-8 in float64, 1e-3 in float32 (2e-2 where CUDA may use TF32 for float32 matmuls and
+    convolutions), 5e-2 in float16 and bfloat16."""
+    if dtype_eps < 1e-12:
+        return 1e-8
+    if dtype_eps < 1e-6:
+        tf32 = device is not None and device.type == "cuda" and (
+            torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
+        return 2e-2 if tf32 else 1e-3
+    return 5e-2
 
 
 class OperatingPoint:
-    """The data-dependent constants of one reference forward pass, keyed by fx node name.
+    """The data-dependent constants of one reference forward pass, keyed by fx node name, and
+    the shapes, dtypes and devices of the inputs they were computed for.
 
     Pass it back as ``dec(..., operating_point=op)`` to evaluate the linearised model at this
     point on other inputs (the paper's separation protocol).
     """
 
-    def __init__(self, constants: dict[str, Any], owner: int):
+    def __init__(self, constants: dict[str, Any], owner: int, signature: dict[str, tuple] | None = None):
         self.constants = constants
+        self.signature = signature or {}
         self._owner = owner
 
     def to(self, *args: Any, **kwargs: Any) -> "OperatingPoint":
@@ -37,7 +56,11 @@ class OperatingPoint:
             device = kwargs.get("device", next((a for a in args if isinstance(a, (str, torch.device))), None))
             return t.to(device) if device is not None else t
 
-        return OperatingPoint(pytree.tree_map(move, self.constants), self._owner)
+        signature = {}
+        for name, (shape, dtype, device) in self.signature.items():
+            probe = move(torch.empty(0, dtype=dtype, device=device))
+            signature[name] = (shape, probe.dtype, probe.device)
+        return OperatingPoint(pytree.tree_map(move, self.constants), self._owner, signature)
 
     def __len__(self) -> int:
         return len(self.constants)
@@ -68,24 +91,71 @@ class Decomposition:
         return f"Decomposition(names={self.names}, layers={list(self.layers)})"
 
 
-class Decomposer:
-    """A model compiled for LMD. Call it like ``model.forward``; see ``lmdfx.compile``."""
+def _resolve(root: nn.Module, target: str) -> Any:
+    value: Any = root
+    for part in target.split("."):
+        value = getattr(value, part, None)
+        if value is None:
+            return None
+    return value
 
-    def __init__(self, model: nn.Module, module: fx.GraphModule, layout: Layout, modalities: Mapping[str, str],
-                 report: Report, backend: Any = None):
+
+def _assign(root: nn.Module, target: str, value: torch.Tensor) -> None:
+    *path, name = target.split(".")
+    owner = root.get_submodule(".".join(path)) if path else root
+    delattr(owner, name)  # a Parameter slot refuses a plain tensor; re-register by type
+    setattr(owner, name, value)
+
+
+def _signature_of(values: Mapping[str, Any]) -> dict[str, tuple]:
+    return {name: (tuple(v.shape), v.dtype, v.device) for name, v in values.items() if isinstance(v, torch.Tensor)}
+
+
+class Decomposer:
+    """A model compiled for LMD. Call it like ``model.forward``; see ``lmdfx.compile``.
+
+    ``check`` (``"raise"``, ``"warn"`` or ``"off"``) is what a reference call does when a
+    node's components miss its value by more than ``tolerance`` or are not finite.
+    """
+
+    def __init__(self, model: nn.Module, module: nn.Module, layout: Layout, modalities: Mapping[str, str],
+                 report: Report, backend: Any = None, check: str = "raise"):
         self.model = model
         self.module = module
         self.layout = layout
         self.modalities = dict(modalities)
         self.names = (*layout.modality_names, "bias")
+        self.check = check
         self._report = report
         self._signature = inspect.signature(model.forward)
-        self._inputs = [n.meta["lmd_param"] for n in module.graph.nodes if "lmd_param" in n.meta]
+        graphs = list(getattr(module, "graphs", (module,)))
+        self._inputs = [n.meta["lmd_param"] for n in graphs[0].graph.nodes if "lmd_param" in n.meta]
+        self._modules = list(model.named_modules())
+        self._tensors = [(graph, node.target, _resolve(model, node.target)) for graph in graphs
+                         for node in graph.graph.nodes
+                         if node.op == "get_attr" and not str(node.target).startswith(RULES_ATTR)
+                         and isinstance(_resolve(model, node.target), torch.Tensor)]
         self._run: Callable = torch.compile(module, backend=backend) if backend is not None else module
-        self.check_residuals = True
+
+    # -- the model as it is now ---------------------------------------------------------------
+    def _follow_model(self) -> None:
+        """Read parameters and buffers from the user's model; a replaced submodule (whose
+        hyper-parameters were compiled in) needs a new ``compile``."""
+        for name, module in self._modules:
+            if (_resolve(self.model, name) if name else self.model) is not module:
+                raise LMDError(f"model.{name} was replaced after lmdfx.compile; the decomposer was built for the old "
+                               "module. Call lmdfx.compile(model, ...) again.")
+        for i, (graph, target, tensor) in enumerate(self._tensors):
+            current = _resolve(self.model, target)
+            if current is not tensor:
+                if not isinstance(current, torch.Tensor):
+                    raise LMDError(f"model.{target} is no longer a tensor ({type(current).__name__}) since "
+                                   "lmdfx.compile. Call lmdfx.compile(model, ...) again.")
+                _assign(graph, target, current)
+                self._tensors[i] = (graph, target, current)
 
     # -- calling --------------------------------------------------------------------------------
-    def _inputs_from(self, args: tuple, kwargs: dict) -> list[Any]:
+    def _arguments(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         if any(m.training for m in self.model.modules()):
             raise LMDError(f"{type(self.model).__name__} is in training mode; call model.eval() before "
                            "decomposing (dropout and batch statistics make the operating point meaningless).")
@@ -97,30 +167,65 @@ class Decomposer:
         bound.apply_defaults()
         values = bound.arguments
         for name, param in self.modalities.items():
-            if not isinstance(values.get(param), torch.Tensor):
+            value = values.get(param)
+            if not isinstance(value, torch.Tensor):
                 raise LMDError(f"Modality {name!r} (parameter {param!r}) must be a tensor, got "
-                               f"{type(values.get(param)).__name__}. Pass the {name} input as a torch.Tensor.")
-        return [values[name] for name in self._inputs]
+                               f"{type(value).__name__}. Pass the {name} input as a torch.Tensor.")
+            if self.check != "off" and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise LMDError(f"Modality {name!r} (parameter {param!r}) contains NaN or Inf values; "
+                               "a decomposition of them is NaN. Clean the input first.")
+        if self.check != "off":
+            for param, value in values.items():
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and bool(torch.isnan(value).any()):
+                    raise LMDError(f"Context argument {param!r} contains NaN values (Inf is allowed: masks).")
+        return values
+
+    def _check_operating_point(self, op: Any, values: Mapping[str, Any]) -> None:
+        if not isinstance(op, OperatingPoint) or op._owner != id(self):
+            raise LMDError("operating_point must come from this decomposer's operating_point(...) or a result's "
+                           ".operating_point; operating points of other compiled models do not fit.")
+        now = _signature_of({name: values[name] for name in self._inputs})
+        differences = [f"{name}: {op.signature.get(name)} then, {now.get(name)} now"
+                       for name in sorted(set(now) | set(op.signature)) if now.get(name) != op.signature.get(name)]
+        if differences:
+            raise LMDError("The operating point was computed for inputs of other shapes, dtypes or devices "
+                           "(shape, dtype, device): " + "; ".join(differences)
+                           + ". Compute it on inputs like these (one per sample), or move it with op.to(...).")
 
     def __call__(self, *args: Any, operating_point: OperatingPoint | None = None, **kwargs: Any) -> Decomposition:
-        inputs = self._inputs_from(args, kwargs)
+        self._follow_model()
+        values = self._arguments(args, kwargs)
         frozen = None
         if operating_point is not None:
-            if not isinstance(operating_point, OperatingPoint) or operating_point._owner != id(self):
-                raise LMDError("operating_point must come from this decomposer's operating_point(...) or a result's "
-                               ".operating_point; operating points of other compiled models do not fit.")
+            self._check_operating_point(operating_point, values)
             frozen = operating_point.constants
-        result = self._run(*inputs, lmd_frozen=frozen, lmd_check=self.check_residuals and frozen is None)
-        if frozen is None and self.check_residuals:
-            self._report.update_residuals(result["residuals"])
+        inputs = [values[name] for name in self._inputs]
+        checking = self.check != "off" and frozen is None
+        result = self._run(*inputs, lmd_frozen=frozen, lmd_check=checking)
+        if checking:
+            device = next((v.device for v in inputs if isinstance(v, torch.Tensor)), None)
+            self._verify(result["residuals"], device)
         components = pytree.tree_unflatten(result["components"], self.layout.output_spec)
-        op = operating_point if operating_point is not None else OperatingPoint(result["operating_point"], id(self))
+        op = operating_point if operating_point is not None else OperatingPoint(
+            result["operating_point"], id(self), _signature_of({name: values[name] for name in self._inputs}))
         return Decomposition(result["output"], self.names, components, result["layers"], op)
+
+    def _verify(self, residuals: dict[str, torch.Tensor | None], device: torch.device | None) -> None:
+        """Record every node's residual in the report, then raise or warn (``self.check``) on the
+        first node that is not exact or not finite, and warn where components cancel."""
+        failure = self._report.update_residuals(residuals, lambda eps: tolerance(eps, device))
+        if failure is not None:
+            if self.check == "raise":
+                raise ExactnessError(failure[0], failure[1])
+            warnings.warn(failure[0], stacklevel=3)
+        cancellation = self._report.cancellation_warning()
+        if cancellation is not None:
+            warnings.warn(cancellation, stacklevel=3)
 
     def operating_point(self, *args: Any, **kwargs: Any) -> OperatingPoint:
         """The operating point (all data-dependent constants) of a reference pass on these inputs."""
         return self(*args, **kwargs).operating_point
 
     def report(self) -> Report:
-        """Every node: layer, op, provenance, rule, and the largest residual of the last call."""
+        """Every node: layer, op, provenance, rule, and the residual and cancellation of the last call."""
         return self._report

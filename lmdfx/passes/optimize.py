@@ -43,6 +43,10 @@ class TrunkDispatch(nn.Module):
     def graph(self) -> fx.Graph:
         return self.summed.graph
 
+    @property
+    def graphs(self) -> tuple[fx.GraphModule, fx.GraphModule]:
+        return self.summed, self.exact
+
     def forward(self, *inputs: Any, lmd_frozen: Any = None, lmd_check: bool = True) -> dict:
         module = self.summed if lmd_frozen is None else self.exact
         return module(*inputs, lmd_frozen=lmd_frozen, lmd_check=lmd_check)

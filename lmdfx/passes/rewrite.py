@@ -52,7 +52,7 @@ def constant_components(value: Any, k: int) -> torch.Tensor | None:
 
 def residual(check: bool, frozen: dict | None, stack: Any, value: Any) -> torch.Tensor | None:
     """The equality check of one node at the operating point, as float64
-    ``[max |Σ components − value|, max |value|, max Σ|components|, value not finite]``.
+    ``[max |Σ components − value|, max |value|, max Σ|components|, value not finite, dtype eps]``.
     Equal infinities count as exact (an additive ``-inf`` mask); a NaN residual means the value
     or the components are not finite there. Maxima are over the finite elements of the value."""
     if (not check or frozen is not None or not isinstance(stack, torch.Tensor) or not isinstance(value, torch.Tensor)
@@ -63,7 +63,9 @@ def residual(check: bool, frozen: dict | None, stack: Any, value: Any) -> torch.
     finite = torch.isfinite(value)
     scale = torch.where(finite, value.abs(), torch.zeros_like(value)).amax()
     spread = torch.where(finite, stack.abs().sum(0), torch.zeros_like(value)).amax()
-    return torch.stack([error.amax(), scale, spread, (~finite).any().to(value.dtype)]).detach().double()
+    eps = torch.finfo(value.dtype).eps
+    stats = torch.stack([error.amax(), scale, spread, (~finite).any().to(value.dtype)]).detach().double()
+    return torch.cat([stats, stats.new_full((1,), eps)])
 
 
 @dataclass

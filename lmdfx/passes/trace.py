@@ -9,21 +9,34 @@ node carries ``meta["lmd_layer"]`` (innermost module qualified name),
 from __future__ import annotations
 
 import inspect
+import os
 import re
 from collections import Counter
 from typing import Any, Iterable
 
+import torch
 from torch import fx, nn
 
 from ..errors import TraceError
+
+# Frames in torch or in lmdfx's own compiler (not a model that happens to live in the package,
+# and not a checkout folder that happens to be named "lmdfx") are not the user's source.
+_LMDFX = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_INTERNAL = (os.path.dirname(os.path.abspath(torch.__file__)) + os.sep, os.path.join(_LMDFX, "passes") + os.sep,
+             os.path.join(_LMDFX, "rules") + os.sep)
+
+
+def _internal(filename: str) -> bool:
+    path = os.path.abspath(filename)
+    return path.startswith(_INTERNAL) or os.path.dirname(path) == _LMDFX
+
 
 _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<fn>\S+)\n\s*(?P<code>[^\n]*)')
 
 
 def user_source(stack_trace: str | None) -> str:
     """The innermost frame of a node's stack trace outside torch and lmdfx, as ``file:line: code``."""
-    frames = [m for m in _FRAME.finditer(stack_trace or "")
-              if "/torch/" not in m["file"] and "/lmdfx/" not in m["file"]]
+    frames = [m for m in _FRAME.finditer(stack_trace or "") if not _internal(m["file"])]
     if not frames:
         return ""
     m = frames[-1]
@@ -95,7 +108,7 @@ def _explain(exc: Exception) -> str:
         tb = tb.tb_next
     for frame in reversed(frames):
         filename = frame.f_code.co_filename
-        if "/torch/" not in filename and "/lmdfx/" not in filename:
+        if not _internal(filename):
             where = f" at {filename}:{frame.f_lineno} (in {frame.f_code.co_name})"
             break
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -125,6 +125,15 @@ def _where(call: OpCall) -> str:
     return f"node {call.node!r} (op {call.op!r}, module {call.layer or '<top level>'!r}, {call.source or 'no source'})"
 
 
+def _ops_of(cls: type[Rule]) -> set[str] | None:
+    """The ops of the family a registered rule class (or its registered base) belongs to;
+    None for a user's own rule class outside the registry."""
+    for family, variants in FAMILIES.items():
+        if family != "taylor" and any(issubclass(cls, v) for v in variants.values()):
+            return {op for op, families in OPS.items() if family in families}
+    return None
+
+
 def _taylor(call: OpCall, rules: Rules) -> Rule | None:
     cls = FAMILIES["taylor"]["default"]
     return cls(call, rules) if cls.supports(call) else None
@@ -134,6 +143,10 @@ def resolve(call: OpCall, rules: Rules) -> Rule | None:
     """The rule for a mixed node under ``rules``, or None if no rule decomposes it."""
     override = _override_for(call, rules.overrides)
     if isinstance(override, type) and issubclass(override, Rule):
+        ops = _ops_of(override)
+        if ops is not None and call.op not in ops:
+            raise LMDError(f"Rule override {override.__name__} cannot decompose {_where(call)}: it is registered for "
+                           f"{', '.join(sorted(ops)) or 'no op'}, not {call.op!r}.")
         if not override.supports(call):
             raise LMDError(f"Rule override {override.__name__} cannot decompose {_where(call)}: "
                            f"{override.why_not(call)}.")

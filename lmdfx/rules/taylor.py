@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 from torch.utils import _pytree as pytree
 
+from ..errors import LMDError
 from .base import BIAS, OpCall, Rule, add_to_bias, first_decomposed, lift
 from .registry import register
 
@@ -30,6 +31,16 @@ class TaylorRule(Rule):
     @classmethod
     def supports(cls, call: OpCall) -> bool:
         return call.n_decomposed > 0
+
+    def _jvp(self, g: Callable, primals: tuple, tangents: tuple) -> tuple:
+        try:
+            return torch.func.jvp(g, primals, tangents)
+        except NotImplementedError as exc:
+            raise LMDError(f"Taylor fallback at node {self.call.node!r} (op {self.call.op!r}, module "
+                           f"{self.call.layer or '<top level>'!r}, {self.call.source or 'no source'}): torch has no "
+                           f"forward-mode derivative for an op inside it ({str(exc).splitlines()[0]}). Register a rule "
+                           "for the op, or make the part that mixes the modalities into it a leaf with its own rule.") \
+                from None
 
     def _linearised(self, args: tuple, kwargs: dict, keep: tuple[int, ...], fixed: dict) -> tuple[Callable, tuple]:
         """g as a function of the floating decomposed leaves, returning the floating output leaves
@@ -54,7 +65,7 @@ class TaylorRule(Rule):
         keep = tuple(i for i, leaf in enumerate(out_leaves) if _floating(leaf))
         g, primals = self._linearised(args, kwargs, keep, fixed)
         if primals:
-            value, linear_part = torch.func.jvp(g, primals, primals) if keep else ((), ())
+            value, linear_part = self._jvp(g, primals, primals) if keep else ((), ())
             remainder = tuple(v - lin for v, lin in zip(value, linear_part))
         else:  # only integer operands are decomposed: the output is wholly the bias component's
             remainder = tuple(out_leaves[i] for i in keep)
@@ -68,7 +79,7 @@ class TaylorRule(Rule):
         primals = tuple(constants["primals"])
 
         def directional(*tangents):
-            return torch.func.jvp(g, primals, tangents)[1]
+            return self._jvp(g, primals, tangents)[1]
 
         leaves = list(constants["others"])
         if stacks:
