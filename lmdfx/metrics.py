@@ -1,15 +1,17 @@
-"""Evaluation metrics for modality decompositions.
+"""Evaluation metrics for modality decompositions, for any model and dataset.
 
 - :func:`pearson`, :func:`mse`: the paper's per-map scores (appendix D.2, eq. 14-15).
 - :func:`perturbation_matrix`: the separation protocol of appendix D.2 for M modalities.
-- :func:`component_iou`: what each component alone segments (vehicle IoU of its logits).
-- :func:`evaluate`: both in one pass over a dataset (one reference call per sample).
+- :func:`accumulate`: one pass over a dataset that feeds :class:`Metric` accumulators (such as
+  :class:`Separation`) from one reference call per sample.
 - :func:`modality_shapley`: exact modality Shapley values (2^M forward passes), a baseline.
 
+``head`` picks what is measured: a dict key or sequence index of the model's output, or ``None``
+for the whole output (its tensor leaves flattened and concatenated, see :func:`select`).
 Datasets are sequences (``len`` and integer indexing) of dicts. Forward arguments are picked
 from an item by name (other keys, such as ground truth, are ignored) or built by ``to_inputs``.
-Under an initialised ``torch.distributed`` process group the dataset functions shard the samples
-over the ranks and all-reduce their sums, so every rank returns the full result.
+Under an initialised ``torch.distributed`` process group :func:`accumulate` shards the samples
+over the ranks and merges the metrics with an all-reduce, so every rank returns the full result.
 """
 
 from __future__ import annotations
@@ -17,23 +19,33 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
+from tqdm import tqdm
 
 from .errors import LMDError
+
+if TYPE_CHECKING:
+    from .runtime import Decomposer, Decomposition
 
 __all__ = [
     "pearson",
     "mse",
     "labels",
+    "format_number",
+    "select",
+    "progress_bar",
+    "dataset_size",
+    "Sample",
+    "Metric",
+    "accumulate",
     "PerturbationResult",
+    "Separation",
+    "partner_offsets",
     "perturbation_matrix",
-    "ComponentIoU",
-    "component_iou",
-    "Evaluation",
-    "evaluate",
     "ShapleyResult",
     "modality_shapley",
 ]
@@ -85,8 +97,57 @@ def labels(names: Sequence[str]) -> list[str]:
     return initials if len(set(initials)) == len(initials) and all(initials) else list(names)
 
 
+def format_number(value: float, digits: int) -> str:
+    """``value`` for a table: ``digits`` decimals, 3 significant digits from 1e5 on, ``nan`` as is."""
+    if math.isnan(value):
+        return "nan"
+    return f"{value:.{digits}f}" if abs(value) < 1e5 else f"{value:.3g}"
+
+
+def select(tree: Any, head: Any = None, keep: int = 0) -> torch.Tensor:
+    """``head`` of a model output (or of a components tree): a dict key or a sequence index.
+
+    ``head=None`` selects the whole output: a tensor as is, otherwise every tensor leaf flattened
+    after its first ``keep`` dimensions and concatenated along dimension ``keep`` (``keep=1``
+    keeps the component axis of a components tree, or the batch axis of an output).
+    """
+    if head is None:
+        if isinstance(tree, torch.Tensor):
+            return tree
+        leaves = [leaf for leaf in pytree.tree_leaves(tree) if isinstance(leaf, torch.Tensor)]
+        if not leaves:
+            raise LMDError(f"the output ({type(tree).__name__}) holds no tensor to measure.")
+        return torch.cat([leaf.reshape(*leaf.shape[:keep], -1) for leaf in leaves], dim=keep)
+    if isinstance(tree, Mapping):
+        if head not in tree:
+            raise LMDError(f"the model's output has no head {head!r}; its heads are {sorted(tree)}. Pick one of "
+                           "them as the head, or None for the whole output.")
+        return tree[head]
+    if isinstance(tree, (list, tuple)) and isinstance(head, int) and -len(tree) <= head < len(tree):
+        return tree[head]
+    raise LMDError(f"cannot pick head {head!r} from an output of type {type(tree).__name__}; the head must be a "
+                   "dict key or tuple index, or None for the whole output.")
+
+
+def progress_bar(iterable: Iterable, enabled: bool, desc: str, unit: str = "sample") -> Iterable:
+    """``iterable`` wrapped in a tqdm bar (rate and ETA on stderr) when ``enabled``."""
+    return tqdm(iterable, desc=desc, unit=unit, leave=False) if enabled else iterable
+
+
+def dataset_size(dataset: Any) -> int:
+    """``len(dataset)``, with an :class:`LMDError` for a dataset without ``len`` or an empty one."""
+    try:
+        n = len(dataset)
+    except TypeError:
+        raise LMDError(f"the dataset must support len() and indexing (a list or map-style Dataset), got "
+                       f"{type(dataset).__name__}.") from None
+    if n == 0:
+        raise LMDError("the dataset is empty.")
+    return n
+
+
 # ---------------------------------------------------------------------------
-# Plumbing shared by the dataset metrics
+# Plumbing of the dataset pass
 # ---------------------------------------------------------------------------
 def _dist() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -151,46 +212,78 @@ class _Inputs:
                 for k, v in args.items()}
 
 
-def _select(tree: Any, head: Any) -> torch.Tensor:
-    if isinstance(tree, torch.Tensor):
-        return tree
-    if isinstance(tree, Mapping):
-        if head not in tree:
-            raise LMDError(f"the model's output has no head {head!r}; its heads are {sorted(tree)}. Pass head=.")
-        return tree[head]
-    if isinstance(tree, (list, tuple)) and isinstance(head, int) and -len(tree) <= head < len(tree):
-        return tree[head]
-    raise LMDError(f"cannot pick head {head!r} from an output of type {type(tree).__name__}; pass head= as a "
-                   "dict key or tuple index.")
+# ---------------------------------------------------------------------------
+# Metric accumulators and the dataset pass
+# ---------------------------------------------------------------------------
+@dataclass
+class Sample:
+    """One sample of a dataset pass, as :meth:`Metric.update` sees it."""
+
+    index: int  # position in the dataset
+    item: Any  # the raw dataset item (ground truth lives here)
+    inputs: dict[str, Any]  # its forward arguments, batched, on the model's device
+    reference: Decomposition  # dec(**inputs)
+    dec: Decomposer
+    inputs_of: Callable[[int], dict[str, Any]]  # forward arguments of another sample (e.g. a partner)
+    size: int  # samples in the dataset
 
 
-def _check_dataset(dataset: Any) -> int:
-    try:
-        n = len(dataset)
-    except TypeError:
-        raise LMDError(f"the dataset must support len() and indexing (a list or map-style Dataset), got "
-                       f"{type(dataset).__name__}.") from None
-    if n == 0:
-        raise LMDError("the dataset is empty.")
-    return n
+class Metric(Protocol):
+    """An accumulator that :func:`accumulate` feeds; adding a metric is writing one such class.
+
+    ``update`` sees each sample of this rank once. After the pass ``merge`` is called once with
+    ``all_reduce``, which sums a list of tensors in place over the ranks (a no-op in one process),
+    so the state a result depends on lives in tensors of the same shape on every rank. ``result``
+    then returns the metric's value.
+    """
+
+    def update(self, sample: Sample) -> None:
+        """Add one sample."""
+
+    def merge(self, all_reduce: Callable[[Sequence[torch.Tensor]], None]) -> None:
+        """Combine the ranks' states."""
+
+    def result(self) -> Any:
+        """The metric over the whole dataset."""
 
 
-def _progress(iterable: Sequence, enabled: bool, desc: str):
-    if not enabled:
-        return iterable
-    from tqdm import tqdm
+def accumulate(
+    dec: Any,
+    dataset: Any,
+    metrics: Sequence[Metric],
+    to_inputs: Optional[Callable[[Any], Mapping[str, Any]]] = None,
+    batched: Optional[bool] = None,
+    progress: bool = False,
+    on_reference: Optional[Callable[[int, Any, Any], None]] = None,
+) -> list[Any]:
+    """One pass over ``dataset`` feeding every metric; returns their results in order.
 
-    return tqdm(iterable, desc=desc, unit="sample", leave=False)
-
-
-def _fmt(value: float, digits: int) -> str:
-    if math.isnan(value):
-        return "nan"
-    return f"{value:.{digits}f}" if abs(value) < 1e5 else f"{value:.3g}"
+    Each sample gets one reference call ``dec(**inputs)`` that all metrics share;
+    ``on_reference(k, item, decomposition)`` is called with it first (e.g. to keep maps for
+    figures). Under ``torch.distributed`` this rank takes samples rank, rank + world size, ...,
+    and the metrics are merged over the ranks. ``to_inputs`` and ``batched``: see
+    :func:`perturbation_matrix`.
+    """
+    n = dataset_size(dataset)
+    make = _Inputs(dec, to_inputs, batched)
+    rank, world = _dist()
+    for k in progress_bar(range(rank, n, world), progress, "metrics"):
+        item = dataset[k]
+        inputs = make(item)
+        with torch.no_grad():
+            reference = dec(**inputs)
+        if on_reference is not None:
+            on_reference(k, item, reference)
+        sample = Sample(k, item, inputs, reference, dec, lambda p: make(dataset[p]), n)
+        for metric in metrics:
+            metric.update(sample)
+    for metric in metrics:
+        metric.merge(_all_reduce)
+    return [metric.result() for metric in metrics]
 
 
 # ---------------------------------------------------------------------------
-# Results
+# Separation
 # ---------------------------------------------------------------------------
 @dataclass
 class PerturbationResult:
@@ -209,7 +302,7 @@ class PerturbationResult:
     per_sample_pcc: torch.Tensor
     per_sample_mse: torch.Tensor
     pairs: int
-    head: Any = "segmentation"
+    head: Any = None
     offsets: tuple[int, ...] = ()
 
     def label(self, i: int, j: int) -> str:
@@ -224,10 +317,10 @@ class PerturbationResult:
         head = "| metric | " + " | ".join(self.label(i, j) for i, j in cells) + " |"
         rule = "|---|" + "---|" * len(cells)
         pcc = "| PCC | " + " | ".join(
-            f"{_fmt(float(self.pcc[i, j]), digits)} ± {_fmt(float(self.pcc_std[i, j]), digits)} "
+            f"{format_number(float(self.pcc[i, j]), digits)} ± {format_number(float(self.pcc_std[i, j]), digits)} "
             f"({'↓' if i == j else '↑'})" for i, j in cells) + " |"
         err = "| MSE | " + " | ".join(
-            f"{_fmt(float(self.mse[i, j]), digits)} ± {_fmt(float(self.mse_std[i, j]), digits)} "
+            f"{format_number(float(self.mse[i, j]), digits)} ± {format_number(float(self.mse_std[i, j]), digits)} "
             f"({'↑' if i == j else '↓'})" for i, j in cells) + " |"
         legend = (f"Xp/Y: component Y when modality X's input is replaced by another sample's, operating point "
                   f"frozen; {self.pairs} pairs. Separated: off-diagonal PCC 1 and MSE 0 (↑/↓ mark the better "
@@ -243,161 +336,72 @@ class PerturbationResult:
                 "mse": self.mse.tolist(), "mse_std": self.mse_std.tolist()}
 
 
-@dataclass
-class ComponentIoU:
-    """Vehicle IoU of each component alone (``logit > 0``) and of the full model, summed over a dataset."""
+class Separation:
+    """Metric: the perturbation protocol of appendix D.2 (see :func:`perturbation_matrix`).
 
-    names: tuple[str, ...]  # modalities..., "bias", "full"
-    intersection: torch.Tensor
-    union: torch.Tensor
-
-    @property
-    def iou(self) -> dict[str, float]:
-        """name -> intersection / union (1.0 when the union is empty)."""
-        return {n: float(i / u) if u > 0 else 1.0 for n, i, u in zip(self.names, self.intersection, self.union)}
-
-    def table(self, digits: int = 1) -> str:
-        """Markdown table of IoU (in %) per component and for the full model."""
-        head = "| | " + " | ".join(self.names) + " |"
-        rule = "|---|" + "---|" * len(self.names)
-        row = "| vehicle IoU (%) | " + " | ".join(_fmt(100 * v, digits) for v in self.iou.values()) + " |"
-        return "\n".join([head, rule, row])
-
-    def to_dict(self) -> dict:
-        """JSON-ready summary."""
-        return {"names": list(self.names), "iou": self.iou, "intersection": self.intersection.tolist(),
-                "union": self.union.tolist()}
-
-
-@dataclass
-class Evaluation:
-    """What :func:`evaluate` computed: separation scores and/or per-component IoU."""
-
-    separation: Optional[PerturbationResult] = None
-    iou: Optional[ComponentIoU] = None
-    samples: int = 0
-
-    def to_dict(self) -> dict:
-        """JSON-ready summary."""
-        return {"samples": self.samples,
-                "separation": None if self.separation is None else self.separation.to_dict(),
-                "component_iou": None if self.iou is None else self.iou.to_dict()}
-
-    def markdown(self) -> str:
-        """The separation table and the IoU table as markdown sections."""
-        parts = []
-        if self.separation is not None:
-            parts += ["## Separation (perturbation protocol, appendix D.2)", "", self.separation.table(), ""]
-        if self.iou is not None:
-            parts += ["## Per-component vehicle IoU", "", self.iou.table(), "",
-                      "Each component alone thresholded at logit 0 against the ground truth, cells outside "
-                      "the valid mask ignored; intersections and unions summed over the samples.", ""]
-        return "\n".join(parts)
-
-
-# ---------------------------------------------------------------------------
-# The dataset pass
-# ---------------------------------------------------------------------------
-def evaluate(
-    dec: Any,
-    dataset: Any,
-    shift: int = 500,
-    repeats: int = 12,
-    offsets: Optional[Sequence[int]] = None,
-    head: Any = "segmentation",
-    to_inputs: Optional[Callable[[Any], Mapping[str, Any]]] = None,
-    batched: Optional[bool] = None,
-    separation: bool = True,
-    iou: bool = True,
-    gt_key: str = "vehicle_gt",
-    valid_key: Optional[str] = "valid_mask",
-    progress: bool = False,
-    on_reference: Optional[Callable[[int, Any, Any], None]] = None,
-) -> Evaluation:
-    """One pass over ``dataset``: :func:`perturbation_matrix` and/or :func:`component_iou`.
-
-    The reference call of each sample serves both; ``on_reference(k, item, decomposition)`` is
-    called with it (on this rank's samples), e.g. to keep maps for figures. See those functions
-    for the other arguments.
+    ``size``: samples in the dataset; ``offsets``: partner offsets (:func:`partner_offsets`).
+    The result is a :class:`PerturbationResult`.
     """
-    n = _check_dataset(dataset)
-    make = _Inputs(dec, to_inputs, batched)
-    names = tuple(make.modalities)
-    params = list(make.modalities.values())
-    m = len(names)
+
+    def __init__(self, dec: Any, size: int, offsets: Sequence[int], head: Any = None):
+        _model_of(dec)
+        self.names, self.params = tuple(dec.modalities), list(dec.modalities.values())
+        self.offsets = tuple(int(o) for o in offsets)
+        if not self.offsets:
+            raise LMDError("offsets is empty; give at least one partner offset.")
+        self.head = head
+        m = len(self.names)
+        self.sums = torch.zeros(4, m, m, dtype=torch.float64)  # pcc, pcc^2, mse, mse^2 over pairs
+        self.count = torch.zeros(1, dtype=torch.float64)
+        self.sample_sums = torch.zeros(2, size, m, m, dtype=torch.float64)  # pcc, mse per sample
+        self.sample_count = torch.zeros(size, dtype=torch.float64)
+
+    def update(self, sample: Sample) -> None:
+        """Score every partner of ``sample`` at its frozen operating point."""
+        m, k = len(self.names), sample.index
+        before = select(sample.reference.components, self.head, keep=1)[:m].detach()
+        for off in self.offsets:
+            p = (k + off) % sample.size
+            if p == k:
+                continue
+            partner = sample.inputs_of(p)
+            for i, param in enumerate(self.params):
+                with torch.no_grad():
+                    moved = sample.dec(**dict(sample.inputs, **{param: partner[param]}),
+                                       operating_point=sample.reference.operating_point)
+                after = select(moved.components, self.head, keep=1)[:m]
+                for j in range(m):
+                    r, e = pearson(before[j], after[j]), mse(before[j], after[j])
+                    self.sums[:, i, j] += torch.tensor([r, r * r, e, e * e], dtype=torch.float64)
+                    self.sample_sums[:, k, i, j] += torch.tensor([r, e], dtype=torch.float64)
+            self.count += 1
+            self.sample_count[k] += 1
+
+    def merge(self, all_reduce: Callable[[Sequence[torch.Tensor]], None]) -> None:
+        """Sum the pair scores over the ranks."""
+        all_reduce([self.sums, self.count, self.sample_sums, self.sample_count])
+
+    def result(self) -> PerturbationResult:
+        """Means and standard deviations over all (sample, partner) pairs."""
+        c, n = float(self.count), len(self.sample_count)
+        if c == 0:
+            raise LMDError(f"no (sample, partner) pair: every offset {list(self.offsets)} maps each of the {n} "
+                           "samples onto itself. Use a shift that is not a multiple of the dataset length.")
+        mean = self.sums / c
+        std = (mean[[1, 3]] - mean[[0, 2]].pow(2)).clamp(min=0).sqrt()
+        per = self.sample_sums / self.sample_count.clamp(min=1).reshape(1, n, 1, 1)
+        per[:, self.sample_count == 0] = float("nan")
+        return PerturbationResult(self.names, mean[0], mean[2], std[0], std[1], per[0], per[1], int(c), self.head,
+                                  self.offsets)
+
+
+def partner_offsets(shift: int = 500, repeats: int = 12, offsets: Optional[Sequence[int]] = None) -> tuple[int, ...]:
+    """``offsets`` as ints, or by default ``shift * r`` for r = 1..repeats."""
     if offsets is None:
         if repeats < 1:
             raise LMDError(f"repeats must be >= 1, got {repeats}.")
         offsets = [shift * r for r in range(1, repeats + 1)]
-    offsets = tuple(int(o) for o in offsets)
-    if separation and not offsets:
-        raise LMDError("offsets is empty; give at least one partner offset.")
-    rank, world = _dist()
-    f64 = dict(dtype=torch.float64)
-    sums = torch.zeros(4, m, m, **f64)  # pcc, pcc^2, mse, mse^2 over pairs
-    count = torch.zeros(1, **f64)
-    sample_sums = torch.zeros(2, n, m, m, **f64)
-    sample_count = torch.zeros(n, **f64)
-    inter = torch.zeros(m + 2, **f64)
-    union = torch.zeros(m + 2, **f64)
-    mine = list(range(rank, n, world))
-    for k in _progress(mine, progress, "evaluate"):
-        item = dataset[k]
-        base = make(item)
-        with torch.no_grad():
-            ref = dec(**base)
-        comps = _select(ref.components, head)
-        if on_reference is not None:
-            on_reference(k, item, ref)
-        if iou:
-            if not isinstance(item, Mapping) or gt_key not in item:
-                raise LMDError(f"component IoU needs ground truth {gt_key!r} in each dataset item; item {k} has "
-                               f"{sorted(item) if isinstance(item, Mapping) else type(item).__name__}. "
-                               "Pass gt_key= or iou=False.")
-            gt = item[gt_key].to(comps.device)
-            valid = item[valid_key].to(comps.device) if valid_key and valid_key in item else None
-            maps = list(comps) + [_select(ref.output, head)]
-            for c, logits in enumerate(maps):
-                pred = (logits.detach() > 0).double().reshape(-1)
-                tgt = (gt > 0).double().expand(logits.shape).reshape(-1)
-                v = torch.ones_like(pred) if valid is None else (valid > 0).double().expand(logits.shape).reshape(-1)
-                inter[c] += float((pred * tgt * v).sum())
-                union[c] += float(((pred + tgt).clamp(max=1) * v).sum())
-        if not separation:
-            continue
-        before = comps[:m].detach()
-        for off in offsets:
-            p = (k + off) % n
-            if p == k:
-                continue
-            partner = make(dataset[p])
-            for i, param in enumerate(params):
-                with torch.no_grad():
-                    moved = dec(**dict(base, **{param: partner[param]}), operating_point=ref.operating_point)
-                after = _select(moved.components, head)[:m]
-                for j in range(m):
-                    r, e = pearson(before[j], after[j]), mse(before[j], after[j])
-                    sums[:, i, j] += torch.tensor([r, r * r, e, e * e], **f64)
-                    sample_sums[0, k, i, j] += r
-                    sample_sums[1, k, i, j] += e
-            count += 1
-            sample_count[k] += 1
-    _all_reduce([sums, count, sample_sums, sample_count, inter, union])
-    result = Evaluation(samples=n)
-    if separation:
-        c = float(count)
-        if c == 0:
-            raise LMDError(f"no (sample, partner) pair: every offset {list(offsets)} maps each of the {n} samples "
-                           "onto itself. Use a shift that is not a multiple of the dataset length.")
-        mean = sums / c
-        std = (mean[[1, 3]] - mean[[0, 2]].pow(2)).clamp(min=0).sqrt()
-        per = sample_sums / sample_count.clamp(min=1).reshape(1, n, 1, 1)
-        per[:, sample_count == 0] = float("nan")
-        result.separation = PerturbationResult(names, mean[0], mean[2], std[0], std[1], per[0], per[1], int(c),
-                                               head, offsets)
-    if iou:
-        result.iou = ComponentIoU((*names, "bias", "full"), inter, union)
-    return result
+    return tuple(int(o) for o in offsets)
 
 
 def perturbation_matrix(
@@ -406,7 +410,7 @@ def perturbation_matrix(
     shift: int = 500,
     repeats: int = 12,
     offsets: Optional[Sequence[int]] = None,
-    head: Any = "segmentation",
+    head: Any = None,
     to_inputs: Optional[Callable[[Any], Mapping[str, Any]]] = None,
     batched: Optional[bool] = None,
     progress: bool = False,
@@ -416,35 +420,15 @@ def perturbation_matrix(
     For sample k and each offset (default ``shift * r`` for r = 1..repeats) the partner is
     p = (k + offset) mod N (skipped when p == k). For each modality i, sample k's inputs with
     modality i taken from p are run at sample k's frozen operating point, and every modality
-    component j of the output logits (``head`` of a dict output; a tensor output as is) is
-    compared with its value on the clean inputs: PCC and MSE over the output pixels, averaged over
-    partners and samples. ``dataset`` items are dicts holding the forward arguments (extra keys,
-    e.g. ground truth, are ignored) or anything ``to_inputs`` maps to such a dict. ``batched``:
-    whether items already carry a batch dimension (None: yes when every tensor leads with size 1;
-    otherwise a batch dimension of 1 is added). Tensors move to the model's device.
+    component j of ``head`` (default: the whole output) is compared with its value on the clean
+    inputs: PCC and MSE over the output elements, averaged over partners and samples.
+    ``dataset`` items are dicts holding the forward arguments (extra keys, e.g. ground truth, are
+    ignored) or anything ``to_inputs`` maps to such a dict. ``batched``: whether items already
+    carry a batch dimension (None: yes when every tensor leads with size 1; otherwise a batch
+    dimension of 1 is added). Tensors move to the model's device.
     """
-    return evaluate(dec, dataset, shift, repeats, offsets, head, to_inputs, batched, separation=True, iou=False,
-                    progress=progress).separation
-
-
-def component_iou(
-    dec: Any,
-    dataset: Any,
-    head: Any = "segmentation",
-    to_inputs: Optional[Callable[[Any], Mapping[str, Any]]] = None,
-    batched: Optional[bool] = None,
-    gt_key: str = "vehicle_gt",
-    valid_key: Optional[str] = "valid_mask",
-    progress: bool = False,
-) -> ComponentIoU:
-    """Vehicle IoU of each component alone and of the full model over ``dataset``.
-
-    A component "predicts" where its logits are > 0. Ground truth ``item[gt_key]`` (> 0 is a
-    vehicle) and, when present, ``item[valid_key]`` (cells where it is 0 are ignored) come from the
-    raw dataset item; intersections and unions are summed over the samples before dividing.
-    """
-    return evaluate(dec, dataset, head=head, to_inputs=to_inputs, batched=batched, separation=False, iou=True,
-                    gt_key=gt_key, valid_key=valid_key, progress=progress).iou
+    metric = Separation(dec, dataset_size(dataset), partner_offsets(shift, repeats, offsets), head)
+    return accumulate(dec, dataset, [metric], to_inputs, batched, progress)[0]
 
 
 # ---------------------------------------------------------------------------
@@ -452,7 +436,7 @@ def component_iou(
 # ---------------------------------------------------------------------------
 @dataclass
 class ShapleyResult:
-    """Exact modality Shapley values of one output head.
+    """Exact modality Shapley values of one output head (or of the whole output).
 
     ``values`` [M, *shape] (per element) or [M] (summed); ``empty`` = output with every modality
     at the baseline, ``full`` = output on the real inputs; efficiency: values.sum(0) + empty == full.
@@ -474,14 +458,15 @@ def modality_shapley(
     dec: Any,
     inputs: Mapping[str, Any],
     baseline: Any = "zeros",
-    head: Any = "segmentation",
+    head: Any = None,
     per_pixel: bool = True,
     modalities: Optional[Mapping[str, str]] = None,
     batch: bool = True,
 ) -> ShapleyResult:
     """Exact Shapley values of the modalities for ``head`` of the model's output (2^M forward passes).
 
-    A modality outside a coalition is replaced by zeros (``baseline="zeros"``) or by the same
+    ``head=None`` (default) takes the whole output, each batch entry's tensor leaves flattened
+    (:func:`select` with ``keep=1``). A modality outside a coalition is replaced by zeros (``baseline="zeros"``) or by the same
     argument of ``baseline``, a dict of forward arguments of a reference sample. ``dec`` is a
     Decomposer (its model and modalities are used) or an ``nn.Module`` with ``modalities`` given.
     ``inputs`` are forward keyword arguments as the model takes them (batched). ``per_pixel=False``
@@ -534,12 +519,12 @@ def modality_shapley(
             b = sizes.pop()
             stacked = {k: torch.cat([c[k] for c in coalitions]) if isinstance(v, torch.Tensor) else v
                        for k, v in inputs.items()}
-            out = _select(model(**stacked), head).detach().to(torch.float64)
+            out = select(model(**stacked), head, keep=1).detach().to(torch.float64)
             for mask in range(2 ** m):
                 values[mask] = out[mask * b:(mask + 1) * b]
         else:
             for mask, args in enumerate(coalitions):
-                values[mask] = _select(model(**args), head).detach().to(torch.float64)
+                values[mask] = select(model(**args), head, keep=1).detach().to(torch.float64)
     phi = torch.zeros(m, *values[0].shape, dtype=torch.float64, device=values[0].device)
     for i in range(m):
         for mask in range(2 ** m):

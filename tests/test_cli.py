@@ -1,10 +1,12 @@
 """The lmdfx command: the demo end to end, inspect, evaluate on the sensor world and on a tiny
-nuScenes-format dataset, and one-line errors (exit status 2) for bad arguments."""
+nuScenes-format dataset, any model from a module:factory, --weights, --threads, progress bars,
+and one-line errors (exit status 2) for bad arguments."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import lmdfx
 from lmdfx.bev.cli import main
 from lmdfx.bev.weights import WORLD_WEIGHTS
 
@@ -164,3 +167,151 @@ def test_console_entry_reports_errors_without_traceback(tmp_path):
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert proc.stderr.startswith("lmdfx evaluate: error: unknown model") and "Traceback" not in proc.stderr
     assert not Path(tmp_path, "evaluation.json").exists()
+
+
+# A model outside the registry: SimpleBEV's camera and radar inputs (so sensor-world items hold its
+# forward arguments) to 32 x 32 BEV logits, with modality_args and example_inputs().
+MYMODELS = """
+import torch
+from torch import nn
+
+
+class BEVNet(nn.Module):
+    modality_args = {"camera": "images", "radar": "radar_bev"}
+
+    def __init__(self):
+        super().__init__()
+        self.cam = nn.Conv2d(18, 4, 3, padding=1)
+        self.pool = nn.AvgPool2d((2, 4))
+        self.rad = nn.Conv2d(128, 4, 1)
+        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(8, 1, 1))
+
+    def forward(self, images, radar_bev):
+        cam = self.pool(self.cam(images.flatten(1, 2)))
+        return self.head(torch.cat([cam, self.rad(radar_bev)], 1))
+
+    def example_inputs(self):
+        return {"images": torch.rand(1, 6, 3, 64, 128) - 0.5, "radar_bev": torch.randn(1, 128, 32, 32)}
+
+
+class NeedsArgs(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+
+
+def build():
+    torch.manual_seed(0)
+    return BEVNet()
+"""
+
+
+@pytest.fixture
+def in_model_folder(tmp_path, monkeypatch):
+    """A temporary current folder holding mymodels.py; sys.path and sys.modules restored after."""
+    (tmp_path / "mymodels.py").write_text(MYMODELS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "mymodels", raising=False)
+    yield tmp_path
+    sys.modules.pop("mymodels", None)
+
+
+@pytest.mark.parametrize("spec", ["mymodels:build", "mymodels.py:build"])
+def test_inspect_and_evaluate_a_model_from_the_current_folder(in_model_folder, capsys, spec):
+    assert main(["inspect", spec, "--run"]) == 0
+    assert "fusion nodes (first to mix modalities): cat" in capsys.readouterr().out
+    sys.modules.pop("mymodels", None)
+    out = in_model_folder / "ev"
+    assert main(["evaluate", "--model", spec, "--data", "examples", "--limit", "2", "--shift", "1", "--repeats", "1",
+                 "--out", str(out), "--no-progress"]) == 0
+    record = json.loads((out / "evaluation.json").read_text())
+    assert record["head"] is None and record["component_iou"] is None  # the whole output; no ground truth
+    assert record["separation"]["pcc"][0][1] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_evaluate_a_model_without_config_on_the_sensor_world(in_model_folder, capsys):
+    out = in_model_folder / "ev"
+    code = main(["evaluate", "--model", "mymodels:build", "--world", "--limit", "2", "--shift", "1", "--repeats", "1",
+                 "--out", str(out), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((out / "evaluation.json").read_text())
+    assert record["data"] == "sensor world, seed 2, 2 scenes"
+    assert set(record["component_iou"]["iou"]) == {"camera", "radar", "bias", "full"}
+    assert main(["evaluate", "--model", "simplebev-tiny", "--world", "--limit", "2", "--shift", "1", "--repeats", "1",
+                 "--no-iou", "--out", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "evaluation.json").read_text())["component_iou"] is None
+
+
+def test_failing_factories_are_one_line_errors(in_model_folder, capsys):
+    assert main(["inspect", "mymodels:NeedsArgs"]) == 2
+    line = _error_line(capsys)
+    assert line.startswith("lmdfx inspect: error: model factory 'mymodels:NeedsArgs' failed: TypeError")
+    assert main(["inspect", "no_such_pkg.mod:Class"]) == 2
+    assert "cannot import module 'no_such_pkg.mod'" in _error_line(capsys)
+    assert main(["inspect", "missing.py:build"]) == 2
+    assert "cannot import module 'missing.py'" in _error_line(capsys)
+    with pytest.raises(lmdfx.LMDError, match="NeedsArgs"):  # --debug: the exception itself, traceback and all
+        main(["inspect", "mymodels:NeedsArgs", "--debug"])
+
+
+def test_console_script_imports_from_the_current_folder(in_model_folder):
+    script = shutil.which("lmdfx")
+    if script is None:
+        pytest.skip("the lmdfx console script is not installed")
+    run = lambda *a: subprocess.run([script, *a], capture_output=True, text=True, timeout=120,  # noqa: E731
+                                    env=ENV, cwd=in_model_folder)
+    assert "cat" in run("inspect", "mymodels:build").stdout
+    bad = run("inspect", "no_such_pkg.mod:Class")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines() == [bad.stderr.strip()]
+
+
+def test_threads_option_sets_intra_op_threads(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    assert main(["inspect", "simplebev-tiny"]) == 0
+    assert main(["inspect", "simplebev-tiny", "--threads", "2"]) == 0
+    assert calls == [1, 2]
+    with pytest.raises(SystemExit):
+        main(["inspect", "simplebev-tiny", "--threads", "0"])
+
+
+def test_evaluate_shows_a_progress_bar_with_eta(tmp_path, capsys):
+    assert main(["evaluate", "--model", "simplebev-tiny", "--data", "examples", "--limit", "2", "--shift", "1",
+                 "--repeats", "1", "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "metrics: 100%" in err and "2/2 [" in err and "<" in err  # tqdm: [elapsed<remaining, rate]
+
+
+def test_demo_without_matplotlib_fails_early_naming_the_extra(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: find_spec gives None
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 2
+    assert 'pip install "lmdfx[viz]"' in _error_line(capsys)
+    assert not (tmp_path / "demo").exists()
+
+
+@pytest.fixture(scope="module")
+def trained_weights(tmp_path_factory):
+    from lmdfx.bev.train_world import train
+
+    path = tmp_path_factory.mktemp("weights") / "world.pt"
+    train(str(path), scenes=4, val_scenes=2, steps=2, batch=2, progress=False, log=lambda *_: None)
+    return path
+
+
+def test_demo_and_evaluate_load_trained_weights(trained_weights, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--weights", str(trained_weights), "--scenes", "2", "--out", str(out), "--no-progress"]) == 0
+    record = json.loads((out / "report.json").read_text())
+    assert record["model"]["steps"] == 2 and record["model"]["weights"] == str(trained_weights)
+    assert record["scenes"] == 2
+    ev = tmp_path / "ev"
+    assert main(["evaluate", "--model", "simplebev-world", "--weights", str(trained_weights), "--world", "--limit",
+                 "2", "--shift", "1", "--repeats", "1", "--out", str(ev), "--no-progress"]) == 0
+    assert json.loads((ev / "evaluation.json").read_text())["weights"] == str(trained_weights)
+    capsys.readouterr()
+    assert main(["evaluate", "--model", "simplebev-tiny", "--weights", str(trained_weights), "--world",
+                 "--out", str(ev), "--no-progress"]) == 2
+    assert "--weights works with simplebev-world" in _error_line(capsys)
+    assert main(["demo", "--weights", str(tmp_path / "missing.pt"), "--out", str(out)]) == 2
+    assert "not found" in _error_line(capsys)

@@ -1,5 +1,5 @@
 """lmdfx.metrics: per-map scores against numpy, the separation protocol on a model whose answer is
-known, per-component IoU, exact modality Shapley values."""
+known, head selection, metric accumulators, exact modality Shapley values."""
 
 from __future__ import annotations
 
@@ -138,40 +138,73 @@ def test_protocol_errors(dec):
         metrics.perturbation_matrix(dec, [], shift=1, repeats=1)
 
 
-def test_component_iou_sums_counts(dec):
-    data = _dataset(4)
-    result = metrics.component_iou(dec, data)
-    assert result.names == ("camera", "radar", "bias", "full")
-    inter = torch.zeros(4, dtype=torch.float64)
-    union = torch.zeros(4, dtype=torch.float64)
-    for item in data:
-        res = dec(cam=item["cam"][None], radar=item["radar"][None])
-        maps = list(res.components["segmentation"]) + [res.output["segmentation"]]
-        valid = item["valid_mask"][None] > 0
-        gt = item["vehicle_gt"][None] > 0
-        for c, logits in enumerate(maps):
-            pred = logits > 0
-            inter[c] += (pred & gt & valid).sum()
-            union[c] += ((pred | gt) & valid).sum()
-    torch.testing.assert_close(result.intersection, inter)
-    torch.testing.assert_close(result.union, union)
-    assert result.iou["full"] == pytest.approx(float(inter[3] / union[3]))
-    assert "vehicle IoU" in result.table()
-    with pytest.raises(lmdfx.LMDError, match="ground truth"):
-        metrics.component_iou(dec, _dataset(2, gt=False))
+def test_select_heads_and_the_whole_output():
+    seg, aux = torch.arange(4.0).reshape(1, 1, 2, 2), torch.arange(8.0).reshape(1, 2, 2, 2)
+    out = {"segmentation": seg, "aux": aux}
+    assert metrics.select(out, "aux") is aux
+    assert metrics.select((seg, aux), 1) is aux
+    assert metrics.select(seg) is seg  # a tensor output is the whole output as is
+    whole = metrics.select(out)  # tensor leaves flattened, in pytree (dict insertion) order
+    torch.testing.assert_close(whole, torch.cat([seg.reshape(-1), aux.reshape(-1)]))
+    stacked = {k: torch.stack([v, 2 * v]) for k, v in out.items()}  # a components tree: [components, ...]
+    assert metrics.select(stacked, keep=1).shape == (2, 12)
+    with pytest.raises(lmdfx.LMDError, match="no head 'nope'"):
+        metrics.select(out, "nope")
+    with pytest.raises(lmdfx.LMDError, match="dict key or tuple index"):
+        metrics.select(seg, "segmentation")
 
 
-def test_evaluate_combines_both(dec):
-    ev = metrics.evaluate(dec, _dataset(4), shift=1, repeats=2)
-    assert ev.separation.pairs == 8 and ev.iou is not None
-    assert "Separation" in ev.markdown() and "IoU" in ev.markdown()
-    d = ev.to_dict()
-    assert d["separation"]["labels"] == [["Cp/C", "Cp/R"], ["Rp/C", "Rp/R"]]
+def test_default_head_is_the_whole_output(dec):
+    data = _dataset(3, gt=False)
+    whole = metrics.perturbation_matrix(dec, data, shift=1, repeats=1)
+    assert whole.head is None and whole.pcc[0, 1] == 1.0 and whole.mse[1, 0] == 0.0
+    k, p = 0, 1
+    batch = {key: v[None] for key, v in data[k].items()}
+    ref = dec(**batch)
+    moved = dec(cam=batch["cam"], radar=data[p]["radar"][None], operating_point=ref.operating_point)
+    # camera component of both heads together, when the radar input moves
+    both = [torch.cat([r.components["segmentation"][0].reshape(-1), r.components["aux"][0].reshape(-1)])
+            for r in (ref, moved)]
+    assert float(whole.per_sample_pcc[k, 1, 0]) == pytest.approx(metrics.pearson(*both), abs=1e-12)
+
+
+class _Norm:
+    """A metric written against the accumulator protocol: mean squared output over the samples."""
+
+    def __init__(self):
+        self.sums = torch.zeros(2, dtype=torch.float64)  # sum of mean squares, samples
+
+    def update(self, sample):
+        self.sums += torch.tensor([float(metrics.select(sample.reference.output, "segmentation").pow(2).mean()), 1.0],
+                                  dtype=torch.float64)
+
+    def merge(self, all_reduce):
+        all_reduce([self.sums])
+
+    def result(self):
+        return float(self.sums[0] / self.sums[1])
+
+
+def test_accumulate_feeds_every_metric_from_one_reference_pass(dec):
+    data = _dataset(4, gt=False)
+    seen = []
+    separation = metrics.Separation(dec, len(data), metrics.partner_offsets(1, 2), head="segmentation")
+    sep, norm = metrics.accumulate(dec, data, [separation, _Norm()], on_reference=lambda k, item, res: seen.append(k))
+    assert seen == [0, 1, 2, 3]  # one reference call per sample
+    torch.testing.assert_close(sep.pcc, metrics.perturbation_matrix(dec, data, shift=1, repeats=2,
+                                                                     head="segmentation").pcc)
+    with torch.no_grad():
+        expected = sum(float(dec.model(cam=d["cam"][None], radar=d["radar"][None])["segmentation"].pow(2).mean())
+                       for d in data) / 4
+    assert norm == pytest.approx(expected, rel=1e-12)
+    assert metrics.partner_offsets(offsets=[2, 5]) == (2, 5)
+    with pytest.raises(lmdfx.LMDError, match="repeats"):
+        metrics.partner_offsets(1, 0)
 
 
 def test_shapley_is_exact_for_two_modalities(dec):
     item = {k: v[None] for k, v in _dataset(1, seed=5, gt=False)[0].items()}
-    sh = metrics.modality_shapley(dec, item)
+    sh = metrics.modality_shapley(dec, item, head="segmentation")
     model = dec.model
     z = {k: torch.zeros_like(v) for k, v in item.items()}
     with torch.no_grad():
@@ -183,7 +216,7 @@ def test_shapley_is_exact_for_two_modalities(dec):
     summed = metrics.modality_shapley(dec, item, per_pixel=False, head="aux")
     assert summed.values.shape == (2,)
     ref = {k: v + 1 for k, v in item.items()}
-    other = metrics.modality_shapley(dec, item, baseline=ref)
+    other = metrics.modality_shapley(dec, item, baseline=ref, head="segmentation")
     assert other.baseline == "reference sample" and other.residual < 1e-12
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import lmdfx
+from lmdfx.bev import attribution
 from lmdfx.bev.data import sensor_world as sw
 from lmdfx.bev.models.simplebev import SimpleBEV, SimpleBEVConfig
 from lmdfx.bev.weights import WORLD_WEIGHTS, _uniform, deterministic_init, is_trained, load_world_model
@@ -110,17 +111,17 @@ def test_attribution_score_on_oracle_maps(world):
         return maps
 
     subset = range(6)
-    right = sw.attribution_score(oracle, world, subset, names=sw.SENSORS)
+    right = attribution.attribution_score(oracle, world, subset, names=sw.SENSORS)
     assert right.total > 0 and right.score == 1.0
-    wrong = sw.attribution_score(lambda i: oracle(i, swap=True), world, subset, names=sw.SENSORS)
+    wrong = attribution.attribution_score(lambda i: oracle(i, swap=True), world, subset, names=sw.SENSORS)
     assert wrong.score == 0.0
-    negative = sw.attribution_score(lambda i: oracle(i, sign=-1.0), world, subset, names=sw.SENSORS)
+    negative = attribution.attribution_score(lambda i: oracle(i, sign=-1.0), world, subset, names=sw.SENSORS)
     assert negative.score == 0.0 and all(r["dominant"] is None for r in negative.records)
     per = right.per_sensor()
     assert sum(t for _, t in per.values()) == right.total
     assert "camera-only" in right.table() or "radar-only" in right.table()
     with pytest.raises(lmdfx.LMDError, match="sensors"):
-        sw.attribution_score(oracle, world, subset, names=("a", "b"))
+        attribution.attribution_score(oracle, world, subset, names=("a", "b"))
 
 
 def test_deterministic_init_is_platform_independent():
@@ -147,14 +148,14 @@ def test_shipped_weights_attribute_single_sensor_vehicles():
     model = load_world_model()
     dec = lmdfx.compile(model, model.modality_args)
     unseen = sw.SensorWorld(num_scenes=10, seed=3, config=model.config)
-    score = sw.attribution_score(sw.lmd_maps(dec), unseen)
+    score = attribution.attribution_score(attribution.lmd_maps(dec), unseen)
     assert score.total >= 20
     # measured with the shipped weights: camera 7/11, radar 11/14 (0.72); chance is 0.5 at best
     assert score.score >= 0.65, score.table()
     for sensor, (hits, total) in score.per_sensor().items():
         assert hits / total >= 0.55, (sensor, hits, total)
     # the exact Shapley baseline (zero inputs) names the right sensor for every one of them
-    assert sw.attribution_score(sw.shapley_maps(dec), unseen).score >= 0.9
+    assert attribution.attribution_score(attribution.shapley_maps(dec), unseen).score >= 0.9
 
 
 def test_training_script_writes_loadable_weights(tmp_path):

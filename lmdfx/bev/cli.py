@@ -1,6 +1,8 @@
 """The ``lmdfx`` command: ``demo``, ``inspect`` and ``evaluate``.
 
-Bad arguments end with one line on stderr (``lmdfx: error: ...``) and exit status 2.
+Models come from :data:`lmdfx.bev.registry.MODELS` or a ``module:factory``, datasets from
+:data:`lmdfx.bev.registry.DATASETS`. Bad arguments and failing models end with one line on
+stderr (``lmdfx COMMAND: error: ...``) and exit status 2; ``--debug`` shows the traceback instead.
 ``evaluate`` runs distributed under ``torchrun`` (samples sharded over the ranks, sums
 all-reduced, rank 0 writes the outputs).
 """
@@ -8,103 +10,27 @@ all-reduced, rank 0 writes the outputs).
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
+import lmdfx
+from lmdfx.bev.evaluation import evaluate
+from lmdfx.bev.registry import DATASETS, MODELS, DataRequest, build_model
 from lmdfx.errors import LMDError
 
-__all__ = ["main", "MODELS", "build_model"]
+__all__ = ["main"]
 
 
 # ---------------------------------------------------------------------------
-# Models the command line knows by name
+# --checkpoint: a state dict for any model
 # ---------------------------------------------------------------------------
-def _simplebev(config_fn: Callable[[], Any]) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
-        from lmdfx.bev.models.simplebev import SimpleBEV
-
-        with torch.random.fork_rng():  # reproducible random weights, the caller's RNG untouched
-            torch.manual_seed(0)
-            return SimpleBEV(config_fn())
-
-    return build
-
-
-def _world() -> nn.Module:
-    from lmdfx.bev.weights import load_world_model
-
-    return load_world_model()
-
-
-def _cfg(name: str, **kwargs: Any) -> Callable[[], Any]:
-    def make():
-        from lmdfx.bev.models.simplebev import SimpleBEVConfig
-
-        return getattr(SimpleBEVConfig, name)(**kwargs)
-
-    return make
-
-
-#: name -> (description, builder). Builders return an eval-ready module with ``modality_args``.
-MODELS: dict[str, tuple[str, Callable[[], nn.Module]]] = {
-    "simplebev-world": ("SimpleBEV trained on the synthetic sensor world (shipped weights; camera + radar)", _world),
-    "simplebev-tiny": ("SimpleBEVConfig.tiny(): 32x64 images, 32x4x32 grid, ResNet-18, camera + radar; random "
-                       "weights (seed 0)", _simplebev(_cfg("tiny"))),
-    "simplebev-tiny-lidar": ("SimpleBEVConfig.tiny(('camera', 'radar', 'lidar')): three modalities; random weights",
-                             _simplebev(_cfg("tiny", modalities=("camera", "radar", "lidar")))),
-    "simplebev-released-radar": ("SimpleBEVConfig.released_radar(): ResNet-101, 448x800, 200x8x200, camera + "
-                                 "metaradar (pass --checkpoint for the released weights)",
-                                 _simplebev(_cfg("released_radar"))),
-    "simplebev-released-camera": ("SimpleBEVConfig.released_camera(): the camera-only released model",
-                                  _simplebev(_cfg("released_camera"))),
-    "simplebev-lmd-paper": ("SimpleBEVConfig.lmd_paper(): the LMD paper's 224x400 camera + radar setting",
-                            _simplebev(_cfg("lmd_paper"))),
-}
-
-
-def build_model(spec: str) -> tuple[nn.Module, dict[str, str]]:
-    """(model in eval mode, modalities) for a built-in name or ``module:factory``.
-
-    A factory is called without arguments and returns a module with ``modality_args`` or a pair
-    ``(module, {modality: forward parameter})``.
-    """
-    if spec in MODELS:
-        model = MODELS[spec][1]()
-        return model.eval(), dict(model.modality_args)
-    if ":" not in spec:
-        raise LMDError(f"unknown model {spec!r}; use one of {', '.join(MODELS)} or module:factory "
-                       "(a function returning the model).")
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # any import failure is the user's module, say which
-        raise LMDError(f"cannot import module {module_name!r} of model {spec!r}: {exc}") from None
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise LMDError(f"module {module_name!r} has no callable {attr!r}; module:factory must name a function "
-                       "returning the model.")
-    made = factory()
-    modalities = None
-    if isinstance(made, tuple) and len(made) == 2:
-        made, modalities = made
-    if not isinstance(made, nn.Module):
-        raise LMDError(f"{spec} returned {type(made).__name__}; it must return an nn.Module (with .modality_args) "
-                       "or (module, {modality: forward parameter}).")
-    modalities = dict(modalities or getattr(made, "modality_args", None) or {})
-    if not modalities:
-        raise LMDError(f"{spec} returned a module without modality_args; return (module, {{modality: forward "
-                       "parameter}}) instead.")
-    return made.eval(), modalities
-
-
 def _checkpoint_file(path: str) -> str:
     """``path`` itself, or for a folder (SimpleBEV's ``init_dir``) its last ``model-*.pth``."""
     if not os.path.isdir(path):
@@ -159,73 +85,135 @@ def _positive(text: str) -> int:
     return value
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lmdfx", description="Layer-wise Modality Decomposition (LMD) for fusion models.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+class _NuScenes(argparse.Action):
+    """``--nuscenes DATAROOT``: shorthand for ``--data nuscenes --dataroot DATAROOT``."""
 
-    demo = sub.add_parser("demo", help="decompose the default model on sensor-world scenes; write figures and a report",
-                          description="Decompose the shipped sensor-world SimpleBEV on unseen scenes and write PNG "
-                                      "figures plus report.md / report.json.")
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: Optional[str] = None) -> None:
+        namespace.data, namespace.dataroot = "nuscenes", values
+
+
+def _common() -> argparse.ArgumentParser:
+    """Options of every command."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--threads", type=_positive, default=1,
+                        help="torch intra-op threads (default 1: more threads than free cores make torch crawl)")
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    return common
+
+
+def _add_demo(sub: Any, common: argparse.ArgumentParser) -> None:
+    demo = sub.add_parser("demo", parents=[common],
+                          help="decompose the default model on sensor-world scenes; write figures and a report",
+                          description="Decompose the sensor-world SimpleBEV on unseen scenes and write PNG figures "
+                                      "plus report.md / report.json (needs matplotlib: pip install \"lmdfx[viz]\").")
     demo.add_argument("--out", default="lmdfx-demo", help="output folder (default: ./lmdfx-demo)")
     demo.add_argument("--scenes", type=_positive, default=12, help="sensor-world scenes to evaluate (default 12)")
+    demo.add_argument("--weights", help="world weights from python -m lmdfx.bev.train_world --out PATH "
+                                        "(default: the shipped file)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_cmd_demo)
 
-    ins = sub.add_parser("inspect", help="print the compile report of a model",
+
+def _add_inspect(sub: Any, common: argparse.ArgumentParser) -> None:
+    ins = sub.add_parser("inspect", parents=[common], help="print the compile report of a model",
                          description="Compile MODEL and print every node: layer, provenance, rule.")
-    ins.add_argument("model", help=f"built-in name ({', '.join(MODELS)}) or module:factory")
+    ins.add_argument("model", help=f"registered name ({', '.join(MODELS)}) or module:factory (module: dotted name "
+                                   "found from the current folder, or a .py file)")
     ins.add_argument("--run", action="store_true",
                      help="also run the decomposition once on model.example_inputs() to fill in the residuals")
     ins.set_defaults(func=_cmd_inspect)
 
-    ev = sub.add_parser("evaluate", help="separation table and per-component IoU on nuScenes or the sensor world",
-                        description="Perturbation protocol (appendix D.2) and per-component vehicle IoU. Writes "
-                                    "evaluation.json and evaluation.md to --out. Runs distributed under torchrun.")
-    ev.add_argument("--model", required=True, help=f"built-in name ({', '.join(MODELS)}) or module:factory")
-    ev.add_argument("--checkpoint", help="state dict to load (SimpleBEV: a file with model_state_dict, or a folder "
-                                         "whose last model-*.pth is used)")
+
+def _add_evaluate(sub: Any, common: argparse.ArgumentParser) -> None:
+    ev = sub.add_parser("evaluate", parents=[common], help="separation table and per-component IoU on a dataset",
+                        description="Perturbation protocol (appendix D.2) and, on datasets with vehicle ground "
+                                    "truth, per-component vehicle IoU. Writes evaluation.json and evaluation.md to "
+                                    "--out. Runs distributed under torchrun.")
+    ev.add_argument("--model", required=True, help=f"registered name ({', '.join(MODELS)}) or module:factory")
+    weights = ev.add_mutually_exclusive_group()
+    weights.add_argument("--weights", help="lmdfx weights file (simplebev-world: from python -m lmdfx.bev.train_world)")
+    weights.add_argument("--checkpoint", help="state dict to load (SimpleBEV: a file with model_state_dict, or a "
+                                              "folder whose last model-*.pth is used)")
     data = ev.add_mutually_exclusive_group(required=True)
-    data.add_argument("--nuscenes", metavar="DATAROOT", help="nuScenes dataroot (holds samples/, sweeps/, v1.0-*/)")
-    data.add_argument("--world", action="store_true", help="synthetic sensor-world scenes (seed --seed)")
+    data.add_argument("--data", choices=list(DATASETS),
+                      help="; ".join(f"{name}: {entry.description}" for name, entry in DATASETS.items()))
+    data.add_argument("--world", dest="data", action="store_const", const="world", help="same as --data world")
+    data.add_argument("--nuscenes", metavar="DATAROOT", action=_NuScenes,
+                      help="same as --data nuscenes --dataroot DATAROOT")
+    ev.add_argument("--dataroot", help="dataset folder (nuScenes: holds samples/, sweeps/, v1.0-*/)")
     ev.add_argument("--version", default="v1.0-trainval", help="nuScenes version (default v1.0-trainval)")
     ev.add_argument("--split", default="val", help="nuScenes split (default val)")
-    ev.add_argument("--limit", type=_positive, help="first N samples only (sensor world: N scenes, default 32)")
-    ev.add_argument("--seed", type=int, default=2, help="sensor-world seed (default 2: unseen by training)")
+    ev.add_argument("--limit", type=_positive, help="first N samples only (generated datasets: N samples)")
+    ev.add_argument("--seed", type=int, default=2, help="seed of generated datasets (default 2: the sensor-world "
+                                                        "scenes training did not see)")
     ev.add_argument("--shift", type=_positive, default=500, help="partner offset step (default 500)")
     ev.add_argument("--repeats", type=_positive, default=12, help="partners per sample (default 12)")
-    ev.add_argument("--head", default="segmentation", help="output head to measure (default segmentation)")
+    ev.add_argument("--head", help="output head (dict key) to measure (default: segmentation for the registered "
+                                   "models, the whole output for module:factory)")
+    ev.add_argument("--no-iou", action="store_true", help="skip the per-component IoU even where there is ground truth")
     ev.add_argument("--out", required=True, help="output folder")
     ev.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
     ev.set_defaults(func=_cmd_evaluate)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lmdfx", description="Layer-wise Modality Decomposition (LMD) for fusion models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    common = _common()
+    _add_demo(sub, common)
+    _add_inspect(sub, common)
+    _add_evaluate(sub, common)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``lmdfx`` command; returns the exit status."""
-    parser = _parser()
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
     try:
         return args.func(args)
-    except (LMDError, OSError) as exc:  # OSError: unreadable data, unwritable --out
+    except Exception as exc:
+        if args.debug:
+            raise
         message = " ".join(str(exc).split())
-        print(f"lmdfx {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        if isinstance(exc, (LMDError, OSError)):  # OSError: unreadable data, unwritable --out
+            print(f"lmdfx {args.command}: error: {message}", file=sys.stderr)
+            return 2
+        print(f"lmdfx {args.command}: error: {type(exc).__name__}: {message} (--debug shows the traceback)",
+              file=sys.stderr)
+        return 1
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def _out_folder(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise LMDError(f"--out {str(out)!r} exists and is not a folder; pick another path.")
+    return out
+
+
+# ---------------------------------------------------------------------------
+# demo
+# ---------------------------------------------------------------------------
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from lmdfx.bev import demo  # the sensor world and figures: only the demo needs them
+
+    demo.run(_out_folder(args.out), args.scenes, args.weights, progress=not args.no_progress)
+    return 0
 
 
 # ---------------------------------------------------------------------------
 # inspect
 # ---------------------------------------------------------------------------
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    import lmdfx
-
-    model, modalities = build_model(args.model)
+    model, modalities, _ = build_model(args.model)
     dec = lmdfx.compile(model, modalities)
     if args.run:
-        if not hasattr(model, "example_inputs"):
+        if not callable(getattr(model, "example_inputs", None)):
             raise LMDError(f"{args.model} has no example_inputs(); drop --run.")
         with torch.no_grad():
             dec(**model.example_inputs())
@@ -236,21 +224,6 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------
 # evaluate
 # ---------------------------------------------------------------------------
-class _First(torch.utils.data.Dataset):
-    """The first ``n`` items of a dataset."""
-
-    def __init__(self, dataset: Any, n: int):
-        self.dataset, self.n = dataset, min(n, len(dataset))
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, index: int) -> Any:
-        if not 0 <= index < self.n:
-            raise IndexError(index)
-        return self.dataset[index]
-
-
 def _init_distributed(device_arg: Optional[str]) -> tuple[int, int, torch.device]:
     """(rank, world size, device); joins the torchrun process group when the environment has one."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -272,169 +245,34 @@ def _init_distributed(device_arg: Optional[str]) -> tuple[int, int, torch.device
     return rank, world, device
 
 
-def _dataset(args: argparse.Namespace, model: nn.Module) -> tuple[Any, str]:
-    from lmdfx.bev.models.simplebev import SimpleBEVConfig
-
-    config = getattr(model, "config", None)
-    if args.world:
-        from lmdfx.bev.data.sensor_world import SensorWorld
-
-        if not isinstance(config, SimpleBEVConfig):
-            raise LMDError(f"--world renders SimpleBEV inputs; model {args.model} has no SimpleBEVConfig .config. "
-                           "Use a SimpleBEV model or --nuscenes.")
-        n = args.limit or 32
-        return SensorWorld(num_scenes=n, seed=args.seed, config=config), f"sensor world, seed {args.seed}, {n} scenes"
-    from lmdfx.bev.data.nuscenes import SPLITS
-
-    if not os.path.isdir(args.nuscenes):
-        raise LMDError(f"nuScenes dataroot {args.nuscenes!r} does not exist; pass the folder holding samples/, "
-                       "sweeps/, maps/ and v1.0-*/ as --nuscenes.")
-    if args.version not in SPLITS:
-        raise LMDError(f"unknown nuScenes version {args.version!r}; use one of {', '.join(sorted(SPLITS))}.")
-    if args.split not in SPLITS[args.version]:
-        raise LMDError(f"split {args.split!r} does not belong to {args.version}; use one of "
-                       f"{', '.join(SPLITS[args.version])}.")
-    if not isinstance(config, SimpleBEVConfig):
-        raise LMDError(f"--nuscenes loads SimpleBEV inputs; model {args.model} has no SimpleBEVConfig .config.")
-    from lmdfx.bev.data.nuscenes import NuScenesBEVDataset
-
-    data = NuScenesBEVDataset(args.nuscenes, args.version, args.split, config)
-    desc = f"nuScenes {args.version} {args.split} at {args.nuscenes}"
-    if args.limit:
-        data = _First(data, args.limit)
-        desc += f", first {len(data)} samples"
-    return data, desc
-
-
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    import lmdfx
-    from lmdfx.metrics import evaluate
-
     start = time.time()
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise LMDError(f"--out {str(out)!r} exists and is not a folder; pick another path.")
-    if args.nuscenes is not None and not os.path.isdir(args.nuscenes):
-        raise LMDError(f"nuScenes dataroot {args.nuscenes!r} does not exist; pass the folder holding samples/, "
-                       "sweeps/, maps/ and v1.0-*/ as --nuscenes.")
-    if args.model not in MODELS and ":" not in args.model:
-        raise LMDError(f"unknown model {args.model!r}; use one of {', '.join(MODELS)} or module:factory.")
-    rank, world, device = _init_distributed(args.device)
-    model, modalities = build_model(args.model)
+    out = _out_folder(args.out)
+    model, modalities, default_head = build_model(args.model, args.weights)
     if args.checkpoint:
         _load_checkpoint(model, args.checkpoint)
-    data, desc = _dataset(args, model)
-    model = model.to(device)
-    dec = lmdfx.compile(model, modalities)
-    result = evaluate(dec, data, shift=args.shift, repeats=args.repeats, head=args.head,
+    request = DataRequest(args.dataroot, args.version, args.split, args.limit, args.seed)
+    entry = DATASETS[args.data]
+    data, desc = entry.build(model, request)
+    rank, world, device = _init_distributed(args.device)
+    head = args.head if args.head is not None else default_head
+    dec = lmdfx.compile(model.to(device), modalities)
+    result = evaluate(dec, data, shift=args.shift, repeats=args.repeats, head=head,
+                      iou=entry.ground_truth and not args.no_iou,
                       progress=rank == 0 and not args.no_progress)
     if rank != 0:
         return 0
     out.mkdir(parents=True, exist_ok=True)
-    record = {"model": args.model, "checkpoint": args.checkpoint, "data": desc, "shift": args.shift,
-              "repeats": args.repeats, "processes": world, "device": str(device),
-              "seconds": round(time.time() - start, 1), **result.to_dict()}
+    record = {"model": args.model, "weights": args.weights, "checkpoint": args.checkpoint, "dataset": args.data,
+              "data": desc, "head": head, "shift": args.shift, "repeats": args.repeats, "processes": world,
+              "device": str(device), "seconds": round(time.time() - start, 1), **result.to_dict()}
     (out / "evaluation.json").write_text(json.dumps(record, indent=2))
     md = [f"# lmdfx evaluate: {args.model}", "",
-          f"- data: {desc}", f"- checkpoint: {args.checkpoint or 'none (built-in weights)'}",
-          f"- protocol: partner p = (k + {args.shift}·r) mod N, r = 1..{args.repeats}; head {args.head!r}",
+          f"- data: {desc}", f"- weights: {args.weights or args.checkpoint or 'built in'}",
+          f"- protocol: partner p = (k + {args.shift}·r) mod N, r = 1..{args.repeats}; "
+          f"head {'the whole output' if head is None else repr(head)}",
           f"- processes: {world}", "", result.markdown()]
     (out / "evaluation.md").write_text("\n".join(md))
     print(f"wrote {out / 'evaluation.md'} and {out / 'evaluation.json'}")
     print(result.separation.table())
-    return 0
-
-
-# ---------------------------------------------------------------------------
-# demo
-# ---------------------------------------------------------------------------
-def _cmd_demo(args: argparse.Namespace) -> int:
-    import lmdfx
-    from lmdfx import viz
-    from lmdfx.bev.data.sensor_world import SensorWorld, attribution_score, shapley_maps
-    from lmdfx.metrics import evaluate
-    from lmdfx.bev.weights import load_world_model
-
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise LMDError(f"--out {str(out)!r} exists and is not a folder; pick another path.")
-    progress = not args.no_progress
-    timings: dict[str, float] = {}
-    t0 = time.time()
-    model = load_world_model()
-    seed = 2  # training used seeds 0 (train) and 1 (validation)
-    world = SensorWorld(num_scenes=args.scenes, seed=seed, config=model.config)
-    dec = lmdfx.compile(model, model.modality_args, record="all")
-    timings["load + compile"] = time.time() - t0
-
-    t = time.time()
-    shift, repeats = max(1, args.scenes // 3), 2
-    maps: dict[int, torch.Tensor] = {}
-    shown: dict[int, Any] = {}
-
-    def keep(k: int, item: Any, res: Any) -> None:
-        # the reference pass of each scene also gives the LMD maps and the figures
-        maps[k] = res.components["segmentation"][:-1, 0, 0].detach()
-        if k < 2:
-            shown[k] = res
-
-    result = evaluate(dec, world, shift=shift, repeats=repeats, progress=progress, on_reference=keep)
-    lmd = attribution_score(maps, world)
-    timings["separation, IoU and attribution (LMD)"] = time.time() - t
-    t = time.time()
-    shap = attribution_score(shapley_maps(dec), world, progress=progress)
-    timings["attribution (Shapley, zero baseline)"] = time.time() - t
-
-    t = time.time()
-    out.mkdir(parents=True, exist_ok=True)
-    figures = []
-    for k, res in sorted(shown.items()):
-        scene = world.scene(k)
-        single = {s: sum(o.single_sensor == s for o in scene.objects) for s in ("camera", "radar")}
-        figures.append(viz.component_maps(
-            res, out / f"components_scene{k}.png", gt=scene.vehicle_gt[None], images=scene.inputs["images"][None],
-            title=f"scene {k}: {len(scene.objects)} vehicles, {single['camera']} seen by the camera only, "
-                  f"{single['radar']} by the radar only"))
-        if k == 0:
-            figures.append(viz.layer_energy(res, out / "layer_energy.png", title="component energy per layer, scene 0"))
-            inputs = {key: v[None] for key, v in scene.inputs.items()}
-            figures.append(viz.gradcam_figure(dec, inputs, "decoder.up1_skip", out / "gradcam_scene0.png",
-                                              gt=scene.vehicle_gt[None]))
-    timings["figures"] = time.time() - t
-    timings["total"] = time.time() - t0
-
-    meta = getattr(model, "world_meta", {})
-    lines = [
-        "# lmdfx demo: which sensor found each vehicle?", "",
-        f"Model: SimpleBEV trained on the synthetic sensor world ({meta.get('steps', '?')} steps on "
-        f"{meta.get('train_scenes', '?')} scenes; validation vehicle IoU "
-        f"{100 * meta.get('val_iou', float('nan')):.1f} %). Data: {len(world)} unseen scenes (seed {seed}) seen by "
-        "6 cameras and a radar; some vehicles are seen by the camera only (no radar returns), some by the radar "
-        "only (not painted), most by both.", "",
-        "![components](components_scene0.png)", "",
-        f"Protocol: partner p = (k + {shift}·r) mod {len(world)}, r = 1..{repeats}.", "",
-        result.markdown(),
-        "## Ground-truth attribution", "",
-        "For each vehicle seen by one sensor only: is the modality with the largest positive mean logit over the "
-        "vehicle's cells the sensor that saw it? (No positive mean counts as a miss.)", "",
-        lmd.table("LMD components"), "",
-        shap.table("Shapley values (zero baseline)"), "",
-        "## Figures", "",
-        *[f"- [{p.name}]({p.name})" for p in figures], "",
-        "## Timings (s)", "",
-        *[f"- {k}: {v:.1f}" for k, v in timings.items()], "",
-    ]
-    (out / "report.md").write_text("\n".join(lines))
-    record = {"scenes": len(world), "seed": seed, "shift": shift, "repeats": repeats, **result.to_dict(),
-              "attribution": {"lmd": lmd.to_dict(), "shapley_zero_baseline": shap.to_dict()},
-              "model": {"name": "simplebev-world", **meta}, "figures": [p.name for p in figures],
-              "seconds": {k: round(v, 2) for k, v in timings.items()}}
-    (out / "report.json").write_text(json.dumps(record, indent=2))
-    print(result.separation.table())
-    print()
-    print(result.iou.table())
-    print()
-    print(lmd.table("LMD components"))
-    print()
-    print(f"wrote {out / 'report.md'} and {len(figures)} figures in {timings['total']:.0f} s")
     return 0

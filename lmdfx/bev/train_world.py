@@ -24,6 +24,7 @@ from torch import nn
 from lmdfx.bev.iou import VehicleIoU
 from lmdfx.bev.data.sensor_world import SensorWorld, world_config
 from lmdfx.bev.weights import WORLD_WEIGHTS, _world_model, is_trained, save_world_weights
+from lmdfx.metrics import progress_bar
 
 __all__ = ["train", "main"]
 
@@ -62,11 +63,7 @@ def _collect(model: nn.Module, world: SensorWorld, batch: int, progress: bool) -
     keys = ("features", "radar_bev", "vehicle_gt", "valid_mask", "camera_seen", "radar_seen")
     parts: dict[str, list] = {k: [] for k in keys}
     chunks = range(0, len(world), batch)
-    if progress:
-        from tqdm import tqdm
-
-        chunks = tqdm(chunks, desc=f"features (seed {world.seed})", unit="batch", leave=False)
-    for start in chunks:
+    for start in progress_bar(chunks, progress, f"features (seed {world.seed})", unit="batch"):
         scenes = [world.scene(i) for i in range(start, min(start + batch, len(world)))]
         images = torch.stack([sc.inputs["images"] for sc in scenes])
         parts["features"].append(_backbone_features(model.encoder, images, model.mean, model.std)
@@ -158,11 +155,7 @@ def train(out: str = str(WORLD_WEIGHTS), scenes: int = 480, val_scenes: int = 64
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 30) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     gen = torch.Generator().manual_seed(seed)
-    loop = range(steps)
-    if progress:
-        from tqdm import tqdm
-
-        loop = tqdm(loop, desc="training", unit="step")
+    loop = progress_bar(range(steps), progress, "training", unit="step")
     running = None
     for step in loop:
         idx = torch.randint(0, scenes, (batch,), generator=gen)

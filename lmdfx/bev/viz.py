@@ -12,19 +12,31 @@ matplotlib is imported inside the functions, so ``import lmdfx.bev.viz`` stays c
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 
+from lmdfx.bev.evaluation import HEAD
 from lmdfx.errors import LMDError
-from lmdfx.metrics import _select
+from lmdfx.metrics import select
 
-__all__ = ["component_maps", "layer_energy", "layer_shares", "modality_gradcam", "gradcam_figure"]
+__all__ = ["require_matplotlib", "component_maps", "layer_energy", "layer_shares", "modality_gradcam",
+           "gradcam_figure"]
+
+
+def require_matplotlib() -> None:
+    """Raise an :class:`LMDError` naming the extra to install when matplotlib is missing."""
+    # matplotlib is only in the "viz" extra; say so before any work instead of failing mid-way
+    if importlib.util.find_spec("matplotlib") is None:
+        raise LMDError('drawing figures needs matplotlib, which is not installed; install it with '
+                       'pip install "lmdfx[viz]".')
 
 
 def _figure(width: float, height: float):
+    require_matplotlib()
     # a bare Figure renders with the Agg canvas and leaves pyplot's global state alone
     from matplotlib.figure import Figure
 
@@ -77,7 +89,7 @@ def _mosaic(images: torch.Tensor, sample: int) -> torch.Tensor:
 def component_maps(
     res: Any,
     path: str | os.PathLike,
-    head: Any = "segmentation",
+    head: Any = HEAD,
     sample: int = 0,
     gt: Optional[torch.Tensor] = None,
     images: Optional[torch.Tensor] = None,
@@ -91,10 +103,10 @@ def component_maps(
     diverging colormap symmetric around 0 with one scale for all components (red supports,
     blue suppresses). Ground-truth outlines are drawn on the component maps. Z (forward) points up.
     """
-    stack = _select(res.components, head)
+    stack = select(res.components, head)
     names = list(res.names)
     comps = [_bev(stack[k], sample) for k in range(len(names))]
-    pred = torch.sigmoid(_bev(_select(res.output, head), sample))
+    pred = torch.sigmoid(_bev(select(res.output, head), sample))
     gt_map = _bev(gt, sample) if gt is not None else None
     n = len(names)
     cols = n + 1
@@ -190,7 +202,7 @@ def modality_gradcam(
     layer: str,
     modality: str,
     region: Optional[torch.Tensor] = None,
-    head: Any = "segmentation",
+    head: Any = HEAD,
     operating_point: Any = None,
 ) -> torch.Tensor:
     """Modality-GradCAM (paper appendix E.3, eq. 18-19) of ``modality`` at recorded ``layer``: [B, H, W].
@@ -219,9 +231,9 @@ def modality_gradcam(
         if stack.dim() != 5:
             raise LMDError(f"Modality-GradCAM needs a conv layer [B, C, H, W]; {layer!r} has component shape "
                            f"{tuple(stack.shape[1:])}.")
-        logits = _select(res.components, head).sum(0)
+        logits = select(res.components, head).sum(0)
         if region is None:
-            region = (_select(res.output, head) > 0).to(logits.dtype)
+            region = (select(res.output, head) > 0).to(logits.dtype)
             if float(region.sum()) == 0:
                 region = torch.ones_like(logits)
         score = (logits * torch.as_tensor(region, dtype=logits.dtype, device=logits.device)).sum()
@@ -243,7 +255,7 @@ def gradcam_figure(
     layer: str,
     path: str | os.PathLike,
     region: Optional[torch.Tensor] = None,
-    head: Any = "segmentation",
+    head: Any = HEAD,
     gt: Optional[torch.Tensor] = None,
     sample: int = 0,
     modalities: Optional[Sequence[str]] = None,
@@ -253,7 +265,7 @@ def gradcam_figure(
 
     with torch.no_grad():
         op = dec.operating_point(**inputs)
-        out = _select(dec(**inputs, operating_point=op).output, head)
+        out = select(dec(**inputs, operating_point=op).output, head)
     names = list(modalities or dec.names[:-1])
     size = out.shape[-2:]
     cams = []

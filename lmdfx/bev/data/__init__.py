@@ -1,11 +1,9 @@
-"""Datasets and metrics: nuScenes loading for SimpleBEV, a tiny nuScenes writer, vehicle IoU.
+"""Datasets: nuScenes loading for SimpleBEV, a tiny nuScenes writer, the synthetic sensor world.
 
 Submodules import the nuscenes-devkit lazily, so ``import lmdfx.bev.data`` works without it.
 """
 
-from lmdfx.bev.iou import VehicleIoU, vehicle_iou
-
-__all__ = ["VehicleIoU", "vehicle_iou", "NuScenesBEVDataset", "write_tiny_nuscenes"]
+__all__ = ["NuScenesBEVDataset", "write_tiny_nuscenes"]
 
 
 def __getattr__(name: str):
