@@ -23,12 +23,17 @@ IN_PLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, 
                        operator.itruediv: operator.truediv, operator.imatmul: operator.matmul}
 ALIASES = {
     "true_divide": "div", "divide": "div", "multiply": "mul", "subtract": "sub", "clip": "clamp",
-    "concat": "cat", "concatenate": "cat", "swapaxes": "transpose", "swapdims": "transpose",
+    "concat": "cat", "concatenate": "cat",
     "absolute": "abs", "negative": "neg", "upsample": "interpolate", "upsample_bilinear": "interpolate",
     "upsample_nearest": "interpolate", "greater": "gt", "less": "lt", "greater_equal": "ge",
     "less_equal": "le", "not_equal": "ne", "scaled_dot_product_attention": "scaled_dot_product_attention",
-    "_conv_forward": "conv2d",
+    "_conv_forward": "conv2d", "log_sigmoid": "logsigmoid", "_threshold": "threshold", "moveaxis": "movedim",
+    **{f"{pool}{n}d_with_indices": f"{pool}{n}d" for pool in ("max_pool", "adaptive_max_pool") for n in (1, 2, 3)},
 }
+# Spellings that are the same op under another name, rewritten to it (vmap lacks rules for some).
+FUNCTION_ALIASES: dict[Any, Any] = {torch.moveaxis: torch.movedim, torch.swapaxes: torch.transpose,
+                                    torch.swapdims: torch.transpose}
+METHOD_ALIASES = {"moveaxis": "movedim", "swapaxes": "transpose", "swapdims": "transpose"}
 # Attributes of a tensor that describe it rather than compute from its values.
 METADATA_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout", "is_sparse"}
 

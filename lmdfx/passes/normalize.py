@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from ..ops import (ALIASES, ALWAYS_INDEXED, IN_PLACE_OPERATORS, MAYBE_INDEXED, METADATA_ATTRS, MODULE_CONVERTERS,
-                   OPERATORS, PASS_THROUGH_MODULES)
+from ..ops import (ALIASES, ALWAYS_INDEXED, FUNCTION_ALIASES, IN_PLACE_OPERATORS, MAYBE_INDEXED, METADATA_ATTRS,
+                   METHOD_ALIASES, MODULE_CONVERTERS, OPERATORS, PASS_THROUGH_MODULES)
 
 
 def canonical_name(node: fx.Node) -> str:
@@ -36,6 +36,14 @@ def canonical_name(node: fx.Node) -> str:
     if name.endswith("_") and not name.endswith("__") and hasattr(torch.Tensor, name[:-1]):
         name = name[:-1]
     return ALIASES.get(name, name)
+
+
+def _same_op(node: fx.Node) -> None:
+    """Rewrite an alias spelling (``torch.moveaxis``) to the op it names (``torch.movedim``)."""
+    if node.op == "call_function" and node.target in FUNCTION_ALIASES:
+        node.target = FUNCTION_ALIASES[node.target]
+    elif node.op == "call_method" and node.target in METHOD_ALIASES:
+        node.target = METHOD_ALIASES[node.target]
 
 
 def _out_of_place(node: fx.Node) -> None:
@@ -89,7 +97,9 @@ def returns_indices(node: fx.Node) -> bool:
         second = node.args[1] if len(node.args) > 1 else None
         return "dim" in node.kwargs or isinstance(second, int)
     if op and "max_pool" in op:
-        return bool(node.kwargs.get("return_indices", False))
+        # F.max_pool2d(..., return_indices=True) traces as max_pool2d_with_indices
+        return bool(node.kwargs.get("return_indices", False)) or getattr(node.target, "__name__", "").endswith(
+            "_with_indices")
     return False
 
 
@@ -110,6 +120,7 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
     for node in gm.graph.nodes:
         if node.op in ("call_function", "call_method", "call_module"):
             _out_of_place(node)
+            _same_op(node)
             _named_field_as_getitem(node)
             node.meta["lmd_op"] = canonical_name(node)
     gm.graph.lint()

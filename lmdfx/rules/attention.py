@@ -204,6 +204,10 @@ class SDPASecantRule(_SDPARule):
 
     name = "secant"
 
+    @property
+    def separates(self) -> bool:
+        return self.options.product == "freeze"
+
     def _run(self, tape: _Tape, p: dict, k: int) -> torch.Tensor:
         q, key, v = self._stacks(p, k)
         heads = q.shape[-3] if q.dim() >= 4 else None
@@ -404,6 +408,10 @@ class MHASecantRule(_MHARule):
 
     name = "secant"
 
+    @property
+    def separates(self) -> bool:
+        return self.options.product == "freeze"
+
     def _run(self, tape, p, k, reference):
         module = self.call.module
         (q, key, v), unbatched = self._layout(p, k)
@@ -486,6 +494,10 @@ class _Composite(Rule):
     has_operating_point = True
     params: tuple = ()
     inputs: tuple[str, ...] = ()
+
+    @property
+    def separates(self) -> bool:
+        return all(rule.separates for rule in self.sub.values())
 
     def __init__(self, call: OpCall, options: Any):
         super().__init__(call, options)

@@ -24,10 +24,9 @@ MULTIPLICATIVE = tuple(MULTIPLICATIVE_SLOTS)
 STRUCTURAL = (
     "view", "reshape", "permute", "transpose", "t", "flatten", "unflatten", "squeeze",
     "unsqueeze", "expand", "expand_as", "repeat", "repeat_interleave", "tile", "movedim",
-    "moveaxis", "narrow", "select", "index_select", "gather", "take_along_dim", "chunk",
+    "narrow", "select", "index_select", "gather", "take_along_dim", "chunk",
     "split", "tensor_split", "unbind", "flip", "fliplr", "flipud", "roll", "rot90", "neg",
-    "pixel_shuffle", "pixel_unshuffle", "interpolate", "upsample", "upsample_bilinear",
-    "upsample_nearest", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
+    "pixel_shuffle", "pixel_unshuffle", "interpolate", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
     "adaptive_avg_pool2d", "adaptive_avg_pool3d", "grid_sample", "pad", "sum", "mean",
     "cumsum", "diagonal", "tril", "triu", "to", "float", "double", "half", "bfloat16",
     "type", "type_as", "real", "T", "mT", "unfold", "fold", "as_strided", "trace",
@@ -36,13 +35,13 @@ STRUCTURAL = (
 # Ops whose input is [N, C, *spatial] with N a batch axis, and its spatial rank (0: any, the
 # op requires the batch axis); LinearRule folds the component axis into N for them.
 _BATCH_FIRST = {
-    "interpolate": 0, "upsample": 0, "upsample_bilinear": 0, "upsample_nearest": 0,
+    "interpolate": 0,
     "avg_pool1d": 1, "avg_pool2d": 2, "avg_pool3d": 3,
     "adaptive_avg_pool1d": 1, "adaptive_avg_pool2d": 2, "adaptive_avg_pool3d": 3,
 }
-IDENTITY = ("contiguous", "clone", "detach", "identity", "dropout", "alpha_dropout", "feature_alpha_dropout",
+IDENTITY = ("contiguous", "clone", "detach", "dropout", "alpha_dropout", "feature_alpha_dropout",
             "dropout1d", "dropout2d", "dropout3d", "positive", "resolve_conj", "resolve_neg")
-ADDITIVE = ("add", "sub", "rsub", "cat", "concat", "concatenate", "stack", "hstack", "vstack", "where")
+ADDITIVE = ("add", "sub", "rsub", "cat", "stack", "hstack", "vstack", "where")
 
 
 @register("linear", ops=STRUCTURAL)
@@ -104,7 +103,10 @@ class IdentityRule(Rule):
 
     name = "identity"
     summable = True
-    tangent = True
+
+    @property
+    def tangent(self) -> bool:
+        return self.call.op != "detach"  # the same value, but no derivative
 
     def forward(self, constants: Any, args: tuple, kwargs: dict) -> torch.Tensor:
         stack = first_decomposed(args, kwargs, self.call.decomposed)

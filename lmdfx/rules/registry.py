@@ -6,8 +6,9 @@ decompose (``Rule.slots`` / ``Rule.op_slots``) and any further condition (``Rule
 An op may have several candidate families (``mul``: ``linear`` when one operand is decomposed,
 ``product`` when two are); they are tried by descending ``priority``, then in registration
 order, and the first whose chosen variant supports the node wins. Adding a rule for a new op
-means registering its canonical name, with an ``Example`` (``lmdfx.rules.examples``), in the
-module that implements the family; the registry-driven tests then cover it.
+means registering its canonical name in the module that implements the family and adding an
+example call to ``tests/rule_examples.py``; the registry-driven tests
+(``tests/test_registry_rules.py``) then check exactness, the tangent map and separation.
 """
 
 from __future__ import annotations
