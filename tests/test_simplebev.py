@@ -13,6 +13,7 @@ from lmdfx.errors import LMDError
 from lmdfx.bev.models.simplebev import (
     SimpleBEV,
     SimpleBEVConfig,
+    latest_checkpoint,
     lifting_grids,
     load_checkpoint,
     ring_rig,
@@ -288,6 +289,45 @@ def test_checkpoint_roundtrip_and_errors(tmp_path):
     torch.save({"state_dict": sd}, tmp_path / "nokey.pth")
     with pytest.raises(LMDError, match="model_state_dict"):
         load_checkpoint(SimpleBEV(cfg), tmp_path / "nokey.pth")
+
+
+@pytest.mark.parametrize("content, problem", [
+    (lambda good: good[: len(good) // 2], r"is truncated: a torch\.save zip archive whose end is missing"),
+    (lambda good: b"not a checkpoint\n", r"is damaged or not written by torch\.save"),
+    (lambda good: b"", r"is empty"),
+])
+def test_unreadable_checkpoint_is_named(tmp_path, content, problem):
+    good = tmp_path / "good.pth"
+    _save(SimpleBEV(SimpleBEVConfig.tiny()).state_dict(), good)
+    bad = tmp_path / "model-000001.pth"
+    bad.write_bytes(content(good.read_bytes()))
+    with pytest.raises(LMDError, match=f"checkpoint '{bad}' {problem}"):
+        load_checkpoint(SimpleBEV(SimpleBEVConfig.tiny()), bad)
+
+
+@pytest.mark.parametrize("state, problem", [
+    ([1, 2], r"its 'model_state_dict' is a list, not a dict"),
+    ({"bev_compressor.0.weight": "weights"}, r"its 'model_state_dict' maps 'bev_compressor\.0\.weight' to a str"),
+])
+def test_malformed_state_dict_is_named(tmp_path, state, problem):
+    path = tmp_path / "odd.pth"
+    torch.save({"model_state_dict": state}, path)
+    with pytest.raises(LMDError, match=f"checkpoint '{path}': {problem}"):
+        load_checkpoint(SimpleBEV(SimpleBEVConfig.tiny()), path)
+
+
+def test_latest_checkpoint_compares_steps_as_numbers(tmp_path):
+    for name in ("model-9.pth", "model-000008.pth", "model-10.pth", "model-final.pth", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "model-10.pth")
+    (tmp_path / "model-000025000.pth").write_bytes(b"")
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "model-000025000.pth")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(LMDError, match=r"holds no model-\*\.pth file"):
+        latest_checkpoint(empty)
+    with pytest.raises(LMDError, match="is not a folder"):
+        latest_checkpoint(tmp_path / "notes.txt")
 
 
 def test_normalisation_buffers_not_persistent():

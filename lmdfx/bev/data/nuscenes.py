@@ -10,9 +10,11 @@ footprints of annotations whose category contains "vehicle", all in the CAM_FRON
 
 from __future__ import annotations
 
+import json
 import os
-from functools import reduce
-from typing import Any, Optional
+import struct
+from functools import partial, reduce
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +29,8 @@ __all__ = [
     "RADARS",
     "SPLITS",
     "GT_KEYS",
+    "TABLES",
+    "RADAR_FIELDS",
     "voxel_indices",
     "rasterize_radar",
     "rasterize_occupancy",
@@ -47,6 +51,18 @@ SPLITS = {
 }
 #: Item keys that are ground truth, not forward arguments.
 GT_KEYS = ("vehicle_gt", "valid_mask")
+#: The 13 JSON tables of a version folder, in the order the devkit loads them.
+TABLES = ("category", "attribute", "visibility", "instance", "sensor", "calibrated_sensor", "ego_pose", "log",
+          "scene", "sample", "sample_data", "sample_annotation", "map")
+#: (name, size in bytes, pcd type, struct code) of the 18 fields of a nuScenes radar PCD record.
+RADAR_FIELDS = (
+    ("x", 4, "F", "f"), ("y", 4, "F", "f"), ("z", 4, "F", "f"),
+    ("dyn_prop", 1, "I", "b"), ("id", 2, "I", "h"), ("rcs", 4, "F", "f"),
+    ("vx", 4, "F", "f"), ("vy", 4, "F", "f"), ("vx_comp", 4, "F", "f"), ("vy_comp", 4, "F", "f"),
+    ("is_quality_valid", 1, "I", "b"), ("ambig_state", 1, "I", "b"), ("x_rms", 1, "I", "b"),
+    ("y_rms", 1, "I", "b"), ("invalid_state", 1, "I", "b"), ("pdh0", 1, "I", "b"),
+    ("vx_rms", 1, "I", "b"), ("vy_rms", 1, "I", "b"),
+)
 _NO_FILTER = dict(invalid_states=list(range(18)), dynprop_states=list(range(8)), ambig_states=list(range(5)))
 
 
@@ -153,6 +169,142 @@ def _check_dataroot(dataroot: str, version: str) -> None:
         )
 
 
+# ---------------------------------------------------------------------------
+# Damaged files: say which file and what is wrong instead of the devkit's or PIL's exception
+# ---------------------------------------------------------------------------
+def _table_problem(path: str) -> Optional[str]:
+    """What is wrong with one JSON table, or None when it is a list of records with tokens."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if not raw.strip():
+        return "is empty"
+    try:
+        rows = json.loads(raw)
+    except UnicodeDecodeError:
+        return "is not UTF-8 text, so not a JSON table"
+    except json.JSONDecodeError as exc:
+        cut = ", where the file ends: it is truncated" if exc.pos >= len(exc.doc.rstrip()) else ""
+        return f"is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}{cut})"
+    if not isinstance(rows, list):
+        kind = "object" if isinstance(rows, dict) else type(rows).__name__
+        return f"holds a JSON {kind} where a nuScenes table holds a list of records"
+    bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict) or "token" not in row), None)
+    if bad is not None:
+        return f"has a record without a 'token' at index {bad}, so it is not a nuScenes table"
+    return None
+
+
+def _tables_error(dataroot: str, version: str, exc: Exception) -> LMDError:
+    """The error for a devkit that failed to load the tables: the first damaged table, if any."""
+    for name in TABLES:
+        path = os.path.join(dataroot, version, f"{name}.json")
+        problem = _table_problem(path)
+        if problem:
+            return LMDError(f"nuScenes table {path!r} {problem}; re-extract the metadata archive of {version} "
+                            f"into {dataroot!r}.")
+    return LMDError(f"the nuscenes-devkit could not load {version} from {dataroot!r} ({type(exc).__name__}: "
+                    f"{exc}); re-extract the metadata archive (all 13 JSON tables and maps/).")
+
+
+#: Header keys of a radar PCD in the order the devkit reads them: by line number, not by key.
+_PCD_KEYS = ("#", "VERSION", "FIELDS", "SIZE", "TYPE", "COUNT", "WIDTH", "HEIGHT", "VIEWPOINT", "POINTS", "DATA")
+_PCD_EXPECTED = {
+    "FIELDS": [f[0] for f in RADAR_FIELDS],
+    "SIZE": [str(f[1]) for f in RADAR_FIELDS],
+    "TYPE": [f[2] for f in RADAR_FIELDS],
+    "COUNT": ["1"] * len(RADAR_FIELDS),
+    "HEIGHT": ["1"],
+    "DATA": ["binary"],
+}
+_RADAR_RECORD = sum(f[1] for f in RADAR_FIELDS)  # 43 bytes
+_LIDAR_RECORD = 5 * 4  # x, y, z, intensity, ring index as float32
+
+
+def _radar_problem(path: str) -> Optional[str]:
+    """What keeps ``path`` from being a radar PCD the devkit decodes correctly, or None."""
+    with open(path, "rb") as f:
+        rest = f.read()
+    if not rest:
+        return "is empty (0 bytes)"
+    header: dict[str, list[str]] = {}
+    for number, key in enumerate(_PCD_KEYS, 1):
+        line, newline, rest = rest.partition(b"\n")
+        if not newline:
+            return f"ends inside the header, before line {number} ({key}): it is truncated or not a PCD file"
+        try:
+            text = line.decode("ascii").strip()
+        except UnicodeDecodeError:
+            return f"has binary bytes in header line {number} (not a PCD file, or a damaged header)"
+        if not text.startswith(key):
+            return f"has {text[:40]!r} as header line {number} where a nuScenes radar PCD has {key}"
+        header[key] = text.split()[1:]
+    for key, want in _PCD_EXPECTED.items():
+        # the devkit decodes by SIZE and TYPE alone: another layout would be read as garbage
+        if header[key] != want:
+            return f"declares {key} {' '.join(header[key])!r} where a nuScenes radar PCD has {' '.join(want)!r}"
+    width = header["WIDTH"]
+    if len(width) != 1 or not width[0].isdigit() or int(width[0]) == 0:
+        return f"declares WIDTH {' '.join(width)!r} where the (positive) number of points belongs"
+    need = int(width[0]) * _RADAR_RECORD
+    if len(rest) <= need:  # the devkit asserts that a byte follows every field, the last one included
+        return (f"holds {len(rest)} bytes of points where WIDTH {width[0]} records of {_RADAR_RECORD} bytes need "
+                f"{need} and one more byte after them: it is truncated")
+    return None
+
+
+def _lidar_problem(path: str) -> Optional[str]:
+    """What keeps ``path`` from being a LiDAR sweep of whole points, or None."""
+    # np.fromfile silently drops a partial float at the end, so check the byte count here
+    size = os.path.getsize(path)
+    if size == 0:
+        return "is empty (0 bytes)"
+    if size % _LIDAR_RECORD:
+        return (f"has {size} bytes, not a multiple of {_LIDAR_RECORD} (a point is 5 float32: x, y, z, intensity, "
+                "ring): it is truncated or not a nuScenes LiDAR sweep")
+    return None
+
+
+def _read_cloud(kind: str, path: str, problem: Callable[[str], Optional[str]], read: Callable[[str], Any]) -> Any:
+    """``read(path)`` (a devkit ``from_file``) after the ``problem`` check; failures name the file."""
+    wrong = problem(path)
+    if wrong is None:
+        try:
+            return read(path)
+        except (AssertionError, ValueError, IndexError, struct.error) as exc:
+            wrong = f"could not be decoded by the nuscenes-devkit ({type(exc).__name__}: {exc})"
+    raise LMDError(f"{kind} file {path!r} {wrong}; re-extract it from the nuScenes samples/ or sweeps/ archive.")
+
+
+def _read_image(path: str, channel: str) -> Any:
+    """The RGB image at ``path``, fully decoded; a damaged file raises an LMDError naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")  # decodes every byte, so truncation shows here
+    except UnidentifiedImageError:
+        wrong = "is not an image PIL can identify (empty, or not a JPEG)"
+    except (OSError, SyntaxError, ValueError) as exc:
+        wrong = f"could not be decoded ({exc}): it is truncated or damaged"
+    raise LMDError(f"{channel} image {path!r} {wrong}; re-extract it from the nuScenes samples/ archive.")
+
+
+def _check_image_size(path: str, channel: str, sd: dict, intrinsic: Sequence[Sequence[float]],
+                      size: tuple[int, int]) -> None:
+    """Raise when an image's size disagrees with its sample_data record or its intrinsics."""
+    w0, h0 = size
+    w_rec, h_rec = sd.get("width") or 0, sd.get("height") or 0
+    if w_rec and h_rec and (w_rec, h_rec) != (w0, h0):
+        raise LMDError(f"{channel} image {path!r} is {w0}x{h0} pixels but its sample_data record says "
+                       f"{w_rec}x{h_rec}, the size its camera intrinsics belong to; re-extract the original image "
+                       "(a resized image would be lifted with the wrong geometry).")
+    cx, cy = intrinsic[0][2], intrinsic[1][2]
+    if not (0 < cx < w0 and 0 < cy < h0):
+        raise LMDError(f"the principal point ({cx:.1f}, {cy:.1f}) of the {channel} intrinsics lies outside the "
+                       f"{w0}x{h0} image {path!r}: the calibration belongs to another image size; re-extract the "
+                       "image and the metadata of the same nuScenes version.")
+
+
 class NuScenesBEVDataset(torch.utils.data.Dataset):
     """Keyframe samples of one nuScenes split as SimpleBEV inputs and vehicle ground truth.
 
@@ -200,6 +352,8 @@ class NuScenesBEVDataset(torch.utils.data.Dataset):
                     f"nuScenes {version} in {self.dataroot!r} is incomplete: {exc}. Re-extract the "
                     "metadata archive (all 13 JSON tables and maps/)."
                 ) from exc
+            except (ValueError, KeyError, TypeError, IndexError, AttributeError, AssertionError) as exc:
+                raise _tables_error(self.dataroot, version, exc) from exc
         self.nusc = nusc
         from nuscenes.utils.splits import create_splits_scenes
 
@@ -258,12 +412,13 @@ class NuScenesBEVDataset(torch.utils.data.Dataset):
         for cam in CAMERAS:
             sd = self.nusc.get("sample_data", rec["data"][cam])
             cs = self.nusc.get("calibrated_sensor", sd["calibrated_sensor_token"])
-            with Image.open(self._path(sd)) as im:
-                im = im.convert("RGB")
-                w0, h0 = im.size
-                # SimpleBEV's eval path: a plain resize to the target size, no crop
-                im = im.resize((w, h), resample=Image.BICUBIC)
-                arr = np.asarray(im, dtype=np.float32) / 255.0 - 0.5
+            path = self._path(sd)
+            im = _read_image(path, cam)
+            w0, h0 = im.size
+            _check_image_size(path, cam, sd, cs["camera_intrinsic"], im.size)
+            # SimpleBEV's eval path: a plain resize to the target size, no crop
+            im = im.resize((w, h), resample=Image.BICUBIC)
+            arr = np.asarray(im, dtype=np.float32) / 255.0 - 0.5
             imgs.append(torch.from_numpy(arr).permute(2, 0, 1))
             k = np.array(cs["camera_intrinsic"], dtype=np.float64)
             k[0] *= w / w0
@@ -350,16 +505,13 @@ class NuScenesBEVDataset(torch.utils.data.Dataset):
         item: dict[str, torch.Tensor] = {"images": images, "lift_grid": grid, "lift_valid": valid}
         if "radar" in cfg.modalities:
             states = {} if cfg.radar_filters else _NO_FILTER
-
-            def read_radar(path: str):
-                return RadarPointCloud.from_file(path, **states)
-
+            read_radar = partial(_read_cloud, "radar", problem=_radar_problem,
+                                 read=partial(RadarPointCloud.from_file, **states))
             xyz, extra = self._points_in_ref(rec, RADARS, cfg.radar_sweeps, read_radar, "RADAR_FRONT", ref_T_ego)
             item["radar_bev"] = torch.from_numpy(rasterize_radar(cfg, xyz, extra.reshape(-1, METARADAR_FEATURES)))
         if "lidar" in cfg.modalities:
-            xyz, _ = self._points_in_ref(
-                rec, ("LIDAR_TOP",), cfg.lidar_sweeps, LidarPointCloud.from_file, "LIDAR_TOP", ref_T_ego
-            )
+            read_lidar = partial(_read_cloud, "LiDAR", problem=_lidar_problem, read=LidarPointCloud.from_file)
+            xyz, _ = self._points_in_ref(rec, ("LIDAR_TOP",), cfg.lidar_sweeps, read_lidar, "LIDAR_TOP", ref_T_ego)
             occ = rasterize_occupancy(cfg, xyz)  # [Z, Y, X]
             item["lidar_bev"] = torch.from_numpy(np.ascontiguousarray(occ.transpose(1, 0, 2)))
         item["vehicle_gt"], item["valid_mask"] = self._ground_truth(rec, ref_T_ego)

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 from pyquaternion import Quaternion
 
+from lmdfx.bev.data.nuscenes import RADAR_FIELDS
 from lmdfx.errors import LMDError
 
 __all__ = ["write_tiny_nuscenes", "RADAR_FIELDS", "CAMERA_CHANNELS", "RADAR_CHANNELS"]
@@ -28,15 +29,6 @@ CAMERA_CHANNELS = (
 )
 RADAR_CHANNELS = ("RADAR_FRONT", "RADAR_FRONT_LEFT", "RADAR_FRONT_RIGHT", "RADAR_BACK_LEFT", "RADAR_BACK_RIGHT")
 
-#: (name, size in bytes, pcd type, struct code) of the 18 nuScenes radar fields.
-RADAR_FIELDS = (
-    ("x", 4, "F", "f"), ("y", 4, "F", "f"), ("z", 4, "F", "f"),
-    ("dyn_prop", 1, "I", "b"), ("id", 2, "I", "h"), ("rcs", 4, "F", "f"),
-    ("vx", 4, "F", "f"), ("vy", 4, "F", "f"), ("vx_comp", 4, "F", "f"), ("vy_comp", 4, "F", "f"),
-    ("is_quality_valid", 1, "I", "b"), ("ambig_state", 1, "I", "b"), ("x_rms", 1, "I", "b"),
-    ("y_rms", 1, "I", "b"), ("invalid_state", 1, "I", "b"), ("pdh0", 1, "I", "b"),
-    ("vx_rms", 1, "I", "b"), ("vy_rms", 1, "I", "b"),
-)
 _RADAR_STRUCT = struct.Struct("<" + "".join(f[3] for f in RADAR_FIELDS))  # 43 bytes, no padding
 
 # Sensor mounts in the ego frame (x forward, y left, z up), nuScenes-like:

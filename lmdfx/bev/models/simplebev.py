@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
+import re
+import zipfile
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -29,6 +32,8 @@ __all__ = [
     "voxel_centers",
     "ring_rig",
     "load_checkpoint",
+    "latest_checkpoint",
+    "read_torch_file",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "FEATURE_STRIDE",
@@ -579,12 +584,72 @@ def _head_list(items: list[str], n: int = 5) -> str:
     return f"{len(items)}: [{shown}]{more}" if items else "0"
 
 
+def _torch_file_problem(path: str, exc: Exception) -> str:
+    """Why ``torch.load`` failed on ``path``, in words."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return "is empty (0 bytes)"
+    with open(path, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"
+    if zipped and not zipfile.is_zipfile(path):
+        return f"is truncated: a torch.save zip archive whose end is missing ({size} bytes)"
+    if zipped and isinstance(exc, pickle.UnpicklingError):  # outside a zip it means plain garbage
+        return "holds objects other than tensors and plain containers, which torch.load(weights_only=True) refuses"
+    lines = str(exc).strip().splitlines()
+    return f"is damaged or not written by torch.save ({type(exc).__name__}: {lines[0] if lines else 'no message'})"
+
+
+def read_torch_file(path: str | os.PathLike, what: str, remedy: str) -> Any:
+    """``torch.load(path, weights_only=True)`` onto the CPU; a malformed file raises :class:`LMDError`.
+
+    The message names the file as ``what`` (``"checkpoint"``, ``"world weights"``), says whether it
+    is empty, truncated, holds refused objects or is not a torch file, and ends with ``remedy``.
+    """
+    path = os.fspath(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise  # missing or unreadable, not malformed: the OS error says so
+    except Exception as exc:  # a malformed file makes torch.load raise RuntimeError, KeyError, EOFError, ...
+        raise LMDError(f"{what} {path!r} {_torch_file_problem(path, exc)}; {remedy}.") from exc
+
+
+_CHECKPOINT_NAME = re.compile(r"model-(\d+)\.pth")
+
+
+def latest_checkpoint(folder: str | os.PathLike) -> str:
+    """The ``model-<step>.pth`` of ``folder`` (SimpleBEV's ``init_dir``) with the highest step.
+
+    Steps compare as numbers: ``model-10.pth`` comes after ``model-9.pth`` and zero-padded
+    names (``model-000010.pth``) mix with unpadded ones.
+    """
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise LMDError(f"checkpoint folder {folder!r} does not exist or is not a folder.")
+    steps = [(int(m.group(1)), name) for name in os.listdir(folder) if (m := _CHECKPOINT_NAME.fullmatch(name))]
+    if not steps:
+        raise LMDError(f"checkpoint folder {folder!r} holds no model-*.pth file with a step number "
+                       "(model-<step>.pth); pass the checkpoint file itself.")
+    return os.path.join(folder, max(steps)[1])
+
+
+def _state_dict_problem(sd: Any) -> Optional[str]:
+    """What keeps ``sd`` from being a state dict (names -> tensors), or None."""
+    if not isinstance(sd, dict):
+        return f"is a {type(sd).__name__}, not a dict"
+    for key, value in sd.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            return f"maps {key!r} to a {type(value).__name__}"
+    return None
+
+
 def load_checkpoint(model: SimpleBEV, path: str | os.PathLike) -> dict:
     """Load a SimpleBEV checkpoint (a dict holding ``model_state_dict``) strictly into ``model``.
 
     A uniform ``module.`` prefix (left by DataParallel training) is stripped. Returns the
-    whole checkpoint dict. Raises :class:`LMDError` naming missing keys, unexpected keys and
-    shape mismatches when the checkpoint does not fit the model's config.
+    whole checkpoint dict. Raises :class:`LMDError` naming the file when it is unreadable or
+    malformed, and naming missing keys, unexpected keys and shape mismatches when the
+    checkpoint does not fit the model's config. For a folder of checkpoints pass ``latest_checkpoint(folder)``.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -592,10 +657,7 @@ def load_checkpoint(model: SimpleBEV, path: str | os.PathLike) -> dict:
             f"checkpoint file {path!r} does not exist; download the released SimpleBEV "
             "checkpoint (see docs/simplebev_nuscenes.md) or fix the path."
         )
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unreadable / non-tensor pickle
-        raise LMDError(f"could not read checkpoint {path!r} with torch.load(weights_only=True): {exc}") from exc
+    ckpt = read_torch_file(path, "checkpoint", "download or copy it again")
     if not isinstance(ckpt, dict) or "model_state_dict" not in ckpt:
         keys = list(ckpt)[:5] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise LMDError(
@@ -603,6 +665,10 @@ def load_checkpoint(model: SimpleBEV, path: str | os.PathLike) -> dict:
             "checkpoints are dicts {'model_state_dict': state_dict, ...}."
         )
     sd = ckpt["model_state_dict"]
+    wrong = _state_dict_problem(sd)
+    if wrong:
+        raise LMDError(f"checkpoint {path!r}: its 'model_state_dict' {wrong}, where a state dict maps parameter "
+                       "names to tensors.")
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     own = model.state_dict()

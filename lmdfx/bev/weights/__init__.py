@@ -107,32 +107,74 @@ def save_world_weights(model: torch.nn.Module, path: str | os.PathLike, init_see
                 "fingerprint": _fingerprint(model), "trained": trained, "meta": meta or {}}, os.fspath(path))
 
 
-def load_world_model(path: str | os.PathLike | None = None) -> torch.nn.Module:
-    """The sensor-world SimpleBEV with trained weights (the shipped file unless ``path``), in eval mode."""
-    from lmdfx.bev.models.simplebev import SimpleBEVConfig
+def _remedy(path: Path) -> str:
+    """What to do about a damaged weights file."""
+    if path.resolve() == WORLD_WEIGHTS.resolve():
+        return "the shipped file is damaged: reinstall lmdfx"
+    return f"write it again with `python -m lmdfx.bev.train_world --out {path}`"
 
-    path = Path(path) if path is not None else WORLD_WEIGHTS
+
+#: Entries of a world-weights file and their types.
+_ENTRIES = {"config": dict, "init_seed": int, "fingerprint": (int, float), "trained": dict, "meta": dict}
+
+
+def _read_weights(path: Path) -> dict:
+    """The checked contents of a world-weights file."""
+    from lmdfx.bev.models.simplebev import read_torch_file
+
     if not path.is_file():
         raise LMDError(f"world weights {str(path)!r} not found; train them with "
                        f"`python -m lmdfx.bev.train_world --out {path}` (a few minutes on a CPU).")
-    blob = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    blob = read_torch_file(path, "world-weights file", _remedy(path))
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise LMDError(f"{str(path)!r} is not an lmdfx world-weights file (format {FORMAT}); "
                        "write one with `python -m lmdfx.bev.train_world`.")
-    cfg = blob["config"]
-    config = SimpleBEVConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
-    model = _world_model(config, blob["init_seed"])
+    blob.setdefault("meta", {})  # older files carry no training record
+    wrong = [f"{key!r} is {type(blob[key]).__name__ if key in blob else 'missing'}"
+             for key, kind in _ENTRIES.items() if not isinstance(blob.get(key), kind)]
+    if wrong:
+        raise LMDError(f"world-weights file {str(path)!r} is malformed ({'; '.join(wrong)}, where the format wants "
+                       f"config, trained and meta dicts, an integer init_seed and a number fingerprint); "
+                       f"{_remedy(path)}.")
+    return blob
+
+
+def _config(path: Path, stored: dict) -> Any:
+    from lmdfx.bev.models.simplebev import SimpleBEVConfig
+
+    try:
+        return SimpleBEVConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
+    except (TypeError, ValueError, LMDError) as exc:
+        raise LMDError(f"world-weights file {str(path)!r} holds a config that is not a SimpleBEVConfig ({exc}); "
+                       f"{_remedy(path)}.") from exc
+
+
+def load_world_model(path: str | os.PathLike | None = None) -> torch.nn.Module:
+    """The sensor-world SimpleBEV with trained weights (the shipped file unless ``path``), in eval mode.
+
+    A missing, unreadable or malformed file raises :class:`LMDError` naming it.
+    """
+    path = Path(path) if path is not None else WORLD_WEIGHTS
+    blob = _read_weights(path)
+    model = _world_model(_config(path, blob["config"]), blob["init_seed"])
     if abs(_fingerprint(model) - blob["fingerprint"]) > 1e-6 * max(1.0, abs(blob["fingerprint"])):
         raise LMDError(f"the frozen initialisation does not reproduce the one {str(path)!r} was trained "
-                       "with (lmdfx.bev.weights.deterministic_init changed); retrain with `python -m lmdfx.bev.train_world`.")
+                       "with (lmdfx.bev.weights.deterministic_init changed); retrain with "
+                       "`python -m lmdfx.bev.train_world`.")
     trained = blob["trained"]
     own = model.state_dict()
     expected = sorted(k for k in own if is_trained(k))
-    if sorted(trained) != expected:
-        raise LMDError(f"{str(path)!r} holds tensors {len(trained)} that do not match the world model's "
+    if set(trained) != set(expected):
+        raise LMDError(f"{str(path)!r} holds {len(trained)} tensors whose names do not match the world model's "
                        f"{len(expected)} trained tensors; retrain with `python -m lmdfx.bev.train_world`.")
+    misfit = [k for k in expected if not isinstance(trained[k], torch.Tensor) or trained[k].shape != own[k].shape]
+    if misfit:
+        shown = ", ".join(f"{k} ({type(trained[k]).__name__} {tuple(getattr(trained[k], 'shape', ()))}, model "
+                          f"{tuple(own[k].shape)})" for k in misfit[:3])
+        raise LMDError(f"world-weights file {str(path)!r} holds {len(misfit)} entries that are not tensors of the "
+                       f"model's shapes: {shown}; {_remedy(path)}.")
     with torch.no_grad():
         for k, v in trained.items():
             own[k].copy_(v.to(own[k].dtype))
-    model.world_meta = dict(blob.get("meta", {}))  # training record (steps, IoU) for reports
+    model.world_meta = dict(blob["meta"])  # training record (steps, IoU) for reports
     return model.eval()
