@@ -466,14 +466,14 @@ def modality_shapley(
     """Exact Shapley values of the modalities for ``head`` of the model's output (2^M forward passes).
 
     ``head=None`` (default) takes the whole output, each batch entry's tensor leaves flattened
-    (:func:`select` with ``keep=1``). A modality outside a coalition is replaced by zeros (``baseline="zeros"``) or by the same
-    argument of ``baseline``, a dict of forward arguments of a reference sample. ``dec`` is a
-    Decomposer (its model and modalities are used) or an ``nn.Module`` with ``modalities`` given.
-    ``inputs`` are forward keyword arguments as the model takes them (batched). ``per_pixel=False``
-    sums each modality's values over all output elements. ``batch``: run the 2^M coalitions as one
-    forward pass stacked along the batch axis when every tensor argument shares its leading size
-    (the model must treat batch entries independently, as eval-mode models do). Computed in float64
-    from the model's outputs.
+    (:func:`select` with ``keep=1``). A modality outside a coalition is replaced by zeros
+    (``baseline="zeros"``) or by the same argument of ``baseline``, a dict of forward arguments of
+    a reference sample. ``dec`` is a Decomposer (its model and modalities are used) or an
+    ``nn.Module`` with ``modalities`` given. ``inputs`` are forward keyword arguments as the model
+    takes them (batched). ``per_pixel=False`` sums each modality's values over all output
+    elements. ``batch``: run the 2^M coalitions as one forward pass stacked along the batch axis
+    when every tensor argument shares its leading size (the model must treat batch entries
+    independently, as eval-mode models do). Computed in float64 from the model's outputs.
     """
     if isinstance(dec, nn.Module):
         model = dec

@@ -57,3 +57,9 @@ def test_evaluate_iou_only_and_merge(dec):
     merged.merge(lambda tensors: [t.mul_(2) for t in tensors])  # two ranks that counted the same
     torch.testing.assert_close(merged.result().intersection, 2 * ev.iou.intersection)
     assert merged.iou == pytest.approx(ev.iou.iou)
+
+
+def test_ground_truth_that_does_not_fit_the_head_is_an_error(dec):
+    data = [dict(item, vehicle_gt=torch.ones(1, 5, 5)) for item in _dataset(2)]
+    with pytest.raises(lmdfx.LMDError, match=r"does not fit head 'segmentation'"):
+        component_iou(dec, data)

@@ -189,20 +189,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             torch.distributed.destroy_process_group()
 
 
-def _out_folder(path: str) -> Path:
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise LMDError(f"--out {str(out)!r} exists and is not a folder; pick another path.")
-    return out
-
-
 # ---------------------------------------------------------------------------
 # demo
 # ---------------------------------------------------------------------------
 def _cmd_demo(args: argparse.Namespace) -> int:
     from lmdfx.bev import demo  # the sensor world and figures: only the demo needs them
 
-    demo.run(_out_folder(args.out), args.scenes, args.weights, progress=not args.no_progress)
+    demo.run(args.out, args.scenes, args.weights, progress=not args.no_progress)
     return 0
 
 
@@ -245,6 +238,23 @@ def _init_distributed(device_arg: Optional[str]) -> tuple[int, int, torch.device
     return rank, world, device
 
 
+def _out_folder(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise LMDError(f"--out {str(out)!r} exists and is not a folder; pick another path.")
+    return out
+
+
+def _markdown(args: argparse.Namespace, desc: str, head: Any, processes: int, result: Any) -> str:
+    """evaluation.md."""
+    lines = [f"# lmdfx evaluate: {args.model}", "",
+             f"- data: {desc}", f"- weights: {args.weights or args.checkpoint or 'built in'}",
+             f"- protocol: partner p = (k + {args.shift}·r) mod N, r = 1..{args.repeats}; "
+             f"head {'the whole output' if head is None else repr(head)}",
+             f"- processes: {processes}", "", result.markdown()]
+    return "\n".join(lines)
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     start = time.time()
     out = _out_folder(args.out)
@@ -267,12 +277,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
               "data": desc, "head": head, "shift": args.shift, "repeats": args.repeats, "processes": world,
               "device": str(device), "seconds": round(time.time() - start, 1), **result.to_dict()}
     (out / "evaluation.json").write_text(json.dumps(record, indent=2))
-    md = [f"# lmdfx evaluate: {args.model}", "",
-          f"- data: {desc}", f"- weights: {args.weights or args.checkpoint or 'built in'}",
-          f"- protocol: partner p = (k + {args.shift}·r) mod N, r = 1..{args.repeats}; "
-          f"head {'the whole output' if head is None else repr(head)}",
-          f"- processes: {world}", "", result.markdown()]
-    (out / "evaluation.md").write_text("\n".join(md))
+    (out / "evaluation.md").write_text(_markdown(args, desc, head, world, result))
     print(f"wrote {out / 'evaluation.md'} and {out / 'evaluation.json'}")
     print(result.separation.table())
     return 0

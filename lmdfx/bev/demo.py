@@ -100,7 +100,7 @@ def run(out: str | Path, scenes: int = 12, weights: Optional[str] = None, progre
             shown[k] = res
 
     result = evaluate(dec, world, shift=shift, repeats=repeats, progress=progress, on_reference=keep)
-    lmd = attribution_score(maps, world)
+    lmd = attribution_score(maps, world, progress=progress)
     timings["separation, IoU and attribution (LMD)"] = time.time() - t
     t = time.time()
     shap = attribution_score(shapley_maps(dec), world, progress=progress)

@@ -56,7 +56,8 @@ class ComponentIoU:
             target = gt.expand(maps[-1].shape)
         except RuntimeError:
             raise LMDError(f"ground truth {self.gt_key!r} of shape {tuple(gt.shape)} does not fit head {self.head!r} "
-                           f"of shape {tuple(maps[-1].shape)}; measure the BEV logits head (--head, head=) or skip the IoU (--no-iou, iou=False).") from None
+                           f"of shape {tuple(maps[-1].shape)}; measure the BEV logits head (--head, head=) or skip "
+                           "the IoU (--no-iou, iou=False).") from None
         for c, logits in enumerate(maps):
             inter, union, _ = vehicle_iou(logits.detach(), target, None if valid is None else valid.to(logits.device))
             self.intersection[c] += inter
