@@ -315,3 +315,16 @@ def test_demo_and_evaluate_load_trained_weights(trained_weights, tmp_path, capsy
     assert "--weights works with simplebev-world" in _error_line(capsys)
     assert main(["demo", "--weights", str(tmp_path / "missing.pt"), "--out", str(out)]) == 2
     assert "not found" in _error_line(capsys)
+
+
+def test_checkpoint_of_a_factory_model(in_model_folder, capsys):
+    sys.path.insert(0, str(in_model_folder))
+    from mymodels import BEVNet
+
+    torch.save(BEVNet().state_dict(), in_model_folder / "net.pt")
+    torch.save({"mix.weight": torch.zeros(1)}, in_model_folder / "other.pt")
+    args = ["evaluate", "--model", "mymodels:build", "--data", "examples", "--limit", "2", "--shift", "1",
+            "--repeats", "1", "--out", str(in_model_folder / "ev"), "--no-progress"]
+    assert main([*args, "--checkpoint", str(in_model_folder / "net.pt")]) == 0
+    assert main([*args, "--checkpoint", str(in_model_folder / "other.pt")]) == 2
+    assert "does not fit the model" in _error_line(capsys)

@@ -31,29 +31,17 @@ __all__ = ["main"]
 # ---------------------------------------------------------------------------
 # --checkpoint: a state dict for any model
 # ---------------------------------------------------------------------------
-def _checkpoint_file(path: str) -> str:
-    """``path`` itself, or for a folder (SimpleBEV's ``init_dir``) its last ``model-*.pth``."""
-    if not os.path.isdir(path):
-        return path
-    found = sorted(p for p in os.listdir(path) if p.startswith("model-") and p.endswith(".pth"))
-    if not found:
-        raise LMDError(f"checkpoint folder {path!r} holds no model-*.pth file; pass the checkpoint file itself.")
-    return os.path.join(path, found[-1])
-
-
 def _load_checkpoint(model: nn.Module, path: str) -> None:
-    from lmdfx.bev.models.simplebev import SimpleBEV, load_checkpoint
+    """Load ``path`` (a file, or a SimpleBEV ``init_dir`` folder: its latest ``model-*.pth``) strictly."""
+    from lmdfx.bev.models.simplebev import SimpleBEV, latest_checkpoint, load_checkpoint, read_torch_file
 
-    path = _checkpoint_file(path)
+    path = latest_checkpoint(path) if os.path.isdir(path) else path
     if isinstance(model, SimpleBEV):
         load_checkpoint(model, path)  # strict, names missing/unexpected keys and the preset to use
         return
     if not os.path.isfile(path):
         raise LMDError(f"checkpoint file {path!r} does not exist; fix --checkpoint.")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise LMDError(f"could not read checkpoint {path!r} with torch.load(weights_only=True): {exc}") from None
+    blob = read_torch_file(path, "checkpoint", "pass a file written by torch.save(model.state_dict())")
     state = blob.get("model_state_dict", blob) if isinstance(blob, dict) else None
     if not isinstance(state, dict):
         raise LMDError(f"checkpoint {path!r} holds {type(blob).__name__}, not a state dict.")
