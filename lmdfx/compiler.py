@@ -5,10 +5,12 @@ from __future__ import annotations
 import inspect
 from typing import Any, Iterable, Mapping, Sequence
 
-from torch import nn
+import torch
+from torch import fx, nn
 
-from .errors import LMDError
+from .errors import LMDError, TraceError
 from .passes import assign_rules, normalize, provenance, resolve_record, rewrite, trace
+from .passes.export import Capture, export, exported_program, graph_module
 from .passes import optimize as optimize_graph
 from .passes.optimize import TrunkDispatch
 from .report import Report
@@ -29,6 +31,8 @@ def compile(
     optimize: bool = True,
     exact_output: bool = True,
     check: str = "raise",
+    frontend: str = "auto",
+    example_inputs: Any = None,
 ) -> Decomposer:
     """Compile ``model`` into a decomposer returning one component per modality plus bias.
 
@@ -44,10 +48,20 @@ def compile(
     within a dtype-aware tolerance relative to max |value| (``lmdfx.runtime.tolerance``) and be
     finite; ``"raise"`` raises ``ExactnessError`` naming the first node that is not, ``"warn"``
     warns, ``"off"`` skips the check (and the input NaN/Inf check).
+    ``frontend``: ``"fx"`` (symbolic tracing), ``"export"`` (``torch.export`` on
+    ``example_inputs`` — a tuple of positional arguments, a dict of keyword arguments, or an
+    ``(args, kwargs)`` pair; the program is specialised to their shapes and non-tensor values),
+    or ``"auto"``: fx, then export when fx cannot trace and ``example_inputs`` are given. A
+    pre-traced ``fx.GraphModule`` or a ``torch.export.ExportedProgram`` is taken as it is.
     The model is never modified.
     """
+    if isinstance(model, torch.export.ExportedProgram):
+        model = _ExportedModel(model)
     if not isinstance(model, nn.Module):
-        raise LMDError(f"lmdfx.compile expects a torch.nn.Module, got {type(model).__name__}.")
+        raise LMDError(f"lmdfx.compile expects a torch.nn.Module, fx.GraphModule or torch.export.ExportedProgram, "
+                       f"got {type(model).__name__}.")
+    if frontend not in FRONTENDS:
+        raise LMDError(f"frontend={frontend!r} is not a known choice; use one of {', '.join(FRONTENDS)}.")
     if any(m.training for m in model.modules()):
         raise LMDError(f"{type(model).__name__} (or a submodule) is in training mode; call model.eval() first.")
     rules = rules if rules is not None else Rules()
@@ -76,15 +90,55 @@ def compile(
     fixed = sorted(set(concrete_args or {}) & set(modalities.values()))
     if fixed:
         raise LMDError(f"Modality parameter(s) {fixed} are fixed by concrete_args; a modality input must stay an input.")
-    gm = trace(model, leaf_modules, concrete_args)
+    capture = _capture(model, frontend, example_inputs, leaf_modules, concrete_args)
+    gm = capture.gm
     normalize(gm)
     provenance(gm, list(modalities.values()))
     assign_rules(gm, rules)
     recorded = resolve_record(gm, record)
-    report = Report(gm, list(modalities))
+    report = Report(gm, list(modalities), frontend=capture.frontend)
     decomposed, layout = rewrite(gm, list(modalities), recorded)
     optimize_graph(decomposed, structural=optimize)
     if not exact_output:
         summed, _ = rewrite(gm, list(modalities), recorded, trunk_mode="sum")
         decomposed = TrunkDispatch(optimize_graph(summed, structural=optimize), decomposed)
-    return Decomposer(model, decomposed, layout, modalities, report, backend=backend, check=check)
+    return Decomposer(model, decomposed, layout, modalities, report, backend=backend, check=check,
+                      specialised=capture.examples)
+
+
+FRONTENDS = ("auto", "fx", "export")
+
+
+class _ExportedModel(nn.Module):
+    """An ``ExportedProgram`` given to ``compile``: its unlifted module, with the program's
+    call signature and state."""
+
+    def __init__(self, program: torch.export.ExportedProgram):
+        super().__init__()
+        self.program = program
+        self.module = program.module()
+        self.forward = self.module.forward  # the program's signature, for binding calls
+        for module in self.modules():  # a program has no training mode of its own (its module refuses train())
+            module.training = False
+
+
+def _capture(model: nn.Module, frontend: str, example_inputs: Any, leaf_modules: Iterable[Any],
+             concrete_args: dict[str, Any] | None) -> Capture:
+    """Run the frontend: a given graph as it is, else fx tracing and/or torch.export."""
+    if isinstance(model, _ExportedModel):
+        return exported_program(model.program)
+    params = [p.name for p in inspect.signature(model.forward).parameters.values()
+              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if isinstance(model, fx.GraphModule) and frontend != "export":
+        return graph_module(model, params)
+    if frontend == "export":
+        return export(model, example_inputs)
+    try:
+        return Capture(trace(model, leaf_modules, concrete_args), "fx")
+    except TraceError as exc:
+        if frontend == "auto" and example_inputs is not None:
+            return export(model, example_inputs)
+        if "frontend='export'" in str(exc):
+            raise
+        raise TraceError(f"{exc} Or capture it with torch.export: lmdfx.compile(..., frontend='export', "
+                         "example_inputs=...).") from exc.__cause__

@@ -27,7 +27,7 @@ ALIASES = {
     "absolute": "abs", "negative": "neg", "upsample": "interpolate", "upsample_bilinear": "interpolate",
     "upsample_nearest": "interpolate", "greater": "gt", "less": "lt", "greater_equal": "ge",
     "less_equal": "le", "not_equal": "ne", "scaled_dot_product_attention": "scaled_dot_product_attention",
-    "_conv_forward": "conv2d", "log_sigmoid": "logsigmoid", "_threshold": "threshold", "moveaxis": "movedim",
+    "_conv_forward": "conv2d", "_to_copy": "to", "_unsafe_view": "view", "alias": "clone", "log_sigmoid": "logsigmoid", "_threshold": "threshold", "moveaxis": "movedim",
     **{f"{pool}{n}d_with_indices": f"{pool}{n}d" for pool in ("max_pool", "adaptive_max_pool") for n in (1, 2, 3)},
 }
 # Spellings that are the same op under another name, rewritten to it (vmap lacks rules for some).

@@ -8,11 +8,12 @@ import warnings
 from typing import Any, Callable, Mapping
 
 import torch
-from torch import fx, nn
+from torch import nn
 from torch.utils import _pytree as pytree
 
 from .errors import ExactnessError, LMDError
 from .passes import Layout
+from .passes.export import describe
 from .passes.rewrite import RULES_ATTR
 from .report import Report
 
@@ -119,13 +120,15 @@ class Decomposer:
     """
 
     def __init__(self, model: nn.Module, module: nn.Module, layout: Layout, modalities: Mapping[str, str],
-                 report: Report, backend: Any = None, check: str = "raise"):
+                 report: Report, backend: Any = None, check: str = "raise",
+                 specialised: Mapping[str, Any] | None = None):
         self.model = model
         self.module = module
         self.layout = layout
         self.modalities = dict(modalities)
         self.names = (*layout.modality_names, "bias")
         self.check = check
+        self._specialised = dict(specialised or {})
         self._report = report
         self._signature = inspect.signature(model.forward)
         graphs = list(getattr(module, "graphs", (module,)))
@@ -174,6 +177,12 @@ class Decomposer:
             if self.check != "off" and value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 raise LMDError(f"Modality {name!r} (parameter {param!r}) contains NaN or Inf values; "
                                "a decomposition of them is NaN. Clean the input first.")
+        for param, example in self._specialised.items():
+            now = describe(values.get(param))
+            if now != example:
+                raise LMDError(f"Argument {param!r} is {now} but the model was captured by torch.export for {example}; "
+                               "the captured program is specialised to those. Compile again with example_inputs "
+                               "like this call's.")
         if self.check != "off":
             for param, value in values.items():
                 if isinstance(value, torch.Tensor) and value.is_floating_point() and bool(torch.isnan(value).any()):

@@ -26,6 +26,8 @@ def canonical_name(node: fx.Node) -> str:
         return type(node.graph.owning_module.get_submodule(node.target)).__name__
     if node.op == "call_method":
         name = node.target
+    elif isinstance(node.target, torch._ops.OpOverload):  # torch.export: aten.conv2d.default -> conv2d
+        name = node.target.overloadpacket.__name__
     elif node.target in OPERATORS:
         name = OPERATORS[node.target]
         if name == "getattr":

@@ -112,7 +112,11 @@ def _explain(exc: Exception) -> str:
             where = f" at {filename}:{frame.f_lineno} (in {frame.f_code.co_name})"
             break
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if "control flow" in text or "iteration" in text.lower() or "Proxy" in text or "len(" in text:
+    if "item assignment" in text:
+        advice = ("the forward writes into a traced tensor in place (x[...] = ...), which symbolic tracing "
+                  "cannot record. Capture it with torch.export instead: lmdfx.compile(..., frontend='export', "
+                  "example_inputs=...) functionalises the write.")
+    elif "control flow" in text or "iteration" in text.lower() or "Proxy" in text or "len(" in text:
         advice = ("the forward uses a traced value in Python control flow or a Python builtin. "
                   "Pass the value that decides it via compile(..., concrete_args={...}), mark the "
                   "submodule as a leaf via compile(..., leaf_modules=[...]), or rewrite the branch "

@@ -30,7 +30,7 @@ STRUCTURAL = (
     "adaptive_avg_pool2d", "adaptive_avg_pool3d", "grid_sample", "pad", "sum", "mean",
     "cumsum", "diagonal", "tril", "triu", "to", "float", "double", "half", "bfloat16",
     "type", "type_as", "real", "T", "mT", "unfold", "fold", "as_strided", "trace",
-    "div", *MULTIPLICATIVE,
+    "div", "slice", "index", *MULTIPLICATIVE,
 )
 # Ops whose input is [N, C, *spatial] with N a batch axis, and its spatial rank (0: any, the
 # op requires the batch axis); LinearRule folds the component axis into N for them.
@@ -41,7 +41,12 @@ _BATCH_FIRST = {
 }
 IDENTITY = ("contiguous", "clone", "detach", "dropout", "alpha_dropout", "feature_alpha_dropout",
             "dropout1d", "dropout2d", "dropout3d", "positive", "resolve_conj", "resolve_neg")
-ADDITIVE = ("add", "sub", "rsub", "cat", "stack", "hstack", "vstack", "where")
+# Ops linear jointly in several operands (summands), with the argument positions of those.
+SUMMANDS: dict[str, tuple[int, ...]] = {
+    "add": (0, 1), "sub": (0, 1), "rsub": (0, 1), "where": (1, 2), "select_scatter": (0, 1),
+    "slice_scatter": (0, 1), "diagonal_scatter": (0, 1), "index_put": (0, 2),
+}
+ADDITIVE = (*SUMMANDS, "cat", "stack", "hstack", "vstack")
 
 
 @register("linear", ops=STRUCTURAL)
@@ -113,6 +118,26 @@ class IdentityRule(Rule):
         return stack.contiguous() if self.call.op == "contiguous" else stack
 
 
+@register("copy", ops=("copy",))
+class CopyRule(Rule):
+    """``aten.copy(self, src)`` (a functionalised ``x[...] = src``): the value is ``src``, cast
+    and broadcast to ``self``; ``self`` gives only its shape and dtype."""
+
+    name = "copy"
+    summable = True
+    tangent = True
+    slots = (0, 1, "self", "src")
+
+    def forward(self, constants: Any, args: tuple, kwargs: dict) -> torch.Tensor:
+        p = bind((("self", None), ("src", None)), args, kwargs)
+        target, source = p["self"], p["src"]
+        decomposed = dict(zip(("self", "src"), self.call.decomposed))
+        shape = target.shape[1:] if decomposed["self"] else target.shape
+        k = (target if decomposed["self"] else source).shape[0]
+        stack = source if decomposed["src"] else lift(source, BIAS, k)
+        return stack.to(target.dtype).expand(k, *shape).clone()
+
+
 class _Summand:
     """Marks a summand slot in an argument template."""
 
@@ -126,8 +151,10 @@ class AdditiveRule(Rule):
     summable = True
     tangent = True
     slots = (0, "tensors")
-    op_slots = {"add": (0, 1, "input", "other"), "sub": (0, 1, "input", "other"), "rsub": (0, 1, "input", "other"),
-                "where": (1, 2, "input", "other")}
+    op_slots = {"add": (0, 1, "input", "other", "self"), "sub": (0, 1, "input", "other", "self"),
+                "rsub": (0, 1, "input", "other", "self"), "where": (1, 2, "input", "other", "self"),
+                "select_scatter": (0, 1, "input", "src"), "slice_scatter": (0, 1, "input", "src"),
+                "diagonal_scatter": (0, 1, "input", "src"), "index_put": (0, 2, "input", "values")}
 
     def __init__(self, call: OpCall, options: Any):
         super().__init__(call, options)
@@ -136,10 +163,8 @@ class AdditiveRule(Rule):
         # Mark summand slots with sentinels and flatten: the sentinels' positions are the leaves
         # to lift (positions stay valid at run time: the argument structure does not change).
         args = list(call.args)
-        if call.op in ("add", "sub", "rsub"):
-            slots = [(args, 0), (args, 1)]
-        elif call.op == "where":
-            slots = [(args, 1), (args, 2)]
+        if call.op in SUMMANDS:
+            slots = [(args, i) for i in SUMMANDS[call.op]]
         else:
             args[0] = list(args[0])
             slots = [(args[0], i) for i in range(len(args[0]))]

@@ -1,0 +1,120 @@
+"""The capture frontends: fx tracing, torch.export, a pre-traced GraphModule and an
+ExportedProgram all feed the same passes and give the same exact decomposition."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+import lmdfx
+
+MODALITIES = {"camera": "cam", "radar": "radar"}
+
+
+class Normalised(nn.Module):
+    """Driving-model style: the camera input is normalised in place per channel."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 3, 3, padding=1)
+        self.norm = nn.BatchNorm2d(3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, cam, radar):
+        cam = cam.clone()
+        cam[:, 0] = (cam[:, 0] - 0.5) / 0.25
+        x = F.relu(self.norm(self.conv(torch.cat([cam, radar], 1))))
+        return {"logits": self.head(x.mean((2, 3))), "map": x}
+
+
+class Plain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 3, 3, padding=1)
+        self.ln = nn.LayerNorm(3)
+
+    def forward(self, cam, radar):
+        x = F.gelu(self.conv(torch.cat([cam, radar], 1)))
+        return self.ln(x.permute(0, 2, 3, 1))
+
+
+def model(cls):
+    torch.manual_seed(0)
+    m = cls().double().eval()
+    for bn in [m for m in m.modules() if isinstance(m, nn.BatchNorm2d)]:
+        with torch.no_grad():
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+    return m
+
+
+def inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 2, 6, 6, generator=g, dtype=torch.float64), torch.randn(2, 2, 6, 6, generator=g,
+                                                                                  dtype=torch.float64)
+
+
+def assert_exact(res, expected):
+    for stack, value in zip(torch.utils._pytree.tree_leaves(res.components), torch.utils._pytree.tree_leaves(expected)):
+        torch.testing.assert_close(stack.sum(0), value, rtol=0, atol=1e-12)
+
+
+def test_item_assignment_fails_on_fx_with_a_pointer_to_export():
+    with pytest.raises(lmdfx.TraceError, match="frontend='export'"):
+        lmdfx.compile(model(Normalised), MODALITIES, frontend="fx")
+
+
+@pytest.mark.parametrize("frontend", ["export", "auto"])
+def test_export_frontend_decomposes_in_place_writes_exactly_and_separates(frontend):
+    m = model(Normalised)
+    cam, radar = inputs()
+    dec = lmdfx.compile(m, MODALITIES, frontend=frontend, example_inputs=(cam, radar), record=["conv"])
+    assert dec.report().frontend == "export"
+    res = dec(cam, radar)
+    expected = m(cam, radar)
+    torch.testing.assert_close(res.output["logits"], expected["logits"], rtol=0, atol=0)
+    assert_exact(res, expected)
+    assert res.layers["conv"].shape == (3, 2, 3, 6, 6)
+    assert {row.layer for row in dec.report().rows} >= {"conv", "norm", "head"}
+    moved = dec(cam, inputs(1)[1], operating_point=res.operating_point)
+    torch.testing.assert_close(moved["camera"]["logits"], res["camera"]["logits"], rtol=0, atol=1e-12)
+
+
+def test_export_and_fx_agree():
+    m = model(Plain)
+    cam, radar = inputs()
+    by_fx = lmdfx.compile(m, MODALITIES)(cam, radar)
+    by_export = lmdfx.compile(m, MODALITIES, frontend="export", example_inputs={"cam": cam, "radar": radar})(cam, radar)
+    torch.testing.assert_close(by_export.components, by_fx.components, rtol=0, atol=1e-12)
+
+
+def test_export_follows_the_users_parameters_and_refuses_other_shapes():
+    m = model(Plain)
+    cam, radar = inputs()
+    dec = lmdfx.compile(m, MODALITIES, frontend="export", example_inputs=(cam, radar))
+    with torch.no_grad():
+        m.conv.weight.mul_(3.0)
+    torch.testing.assert_close(dec(cam, radar).output, m(cam, radar), rtol=0, atol=0)
+    with pytest.raises(lmdfx.LMDError, match="specialised"):
+        dec(cam[:1], radar[:1])
+
+
+def test_pretraced_graph_module_and_exported_program_are_accepted():
+    m = model(Plain)
+    cam, radar = inputs()
+    expected = m(cam, radar)
+    traced = fx.symbolic_trace(m)
+    dec = lmdfx.compile(traced, MODALITIES)
+    assert dec.report().frontend == "graph module"
+    assert_exact(dec(cam, radar), expected)
+    program = torch.export.export(m, (cam, radar))
+    dec = lmdfx.compile(program, MODALITIES)
+    assert dec.report().frontend == "export"
+    assert_exact(dec(cam, radar), expected)
+
+
+def test_export_needs_example_inputs():
+    with pytest.raises(lmdfx.LMDError, match="example_inputs"):
+        lmdfx.compile(model(Plain), MODALITIES, frontend="export")
