@@ -1,12 +1,15 @@
 """Figures of a decomposition (matplotlib, Agg, PNG); every plotting function returns the file path.
 
-- :func:`component_maps`: per-component BEV maps as in the paper's figures 3-4, a sigmoid view and
-  a signed view (diverging colormap symmetric around 0), beside the camera images, the ground truth
-  and the prediction.
-- :func:`layer_energy`: each component's share of Σ_k ||D_k||² at every recorded layer.
+- :func:`component_maps`: per-component BEV maps as in the paper's figures 3-4: signed logits on
+  one symmetric diverging scale, beside the camera images, the ground truth and the prediction;
+  optionally one component's sigmoid view.
+- :func:`layer_energy`: each component's share of Σ_k ||D_k||² at every recorded layer, in
+  network order.
 - :func:`modality_gradcam` / :func:`gradcam_figure`: Modality-GradCAM (appendix E.3): Grad-CAM on
   one modality's component of an intermediate layer, gradients taken through the decomposition.
 
+BEV maps [Z, X] are drawn with row 0 (Z = min) at the bottom: X points right and Z forward in the
+reference camera's frame, as in :func:`lmdfx.bev.models.simplebev.lifting_grids`.
 matplotlib is imported inside the functions, so ``import lmdfx.bev.viz`` stays cheap.
 """
 
@@ -64,9 +67,65 @@ def _bev(t: torch.Tensor, sample: int) -> torch.Tensor:
     return t
 
 
-def _contour(ax: Any, gt: Optional[torch.Tensor], colour: str = "k") -> None:
+#: Marker and colour of a vehicle seen by one sensor only, per sensor (others cycle through the rest).
+_SENSOR_STYLE = {"camera": ("^", "#3ddc3d"), "radar": ("s", "#ffd21f"), "lidar": ("D", "#ff66ff")}
+_SPARE_STYLES = (("o", "#00e5ff"), ("P", "#ff9933"), ("X", "#ffffff"))
+
+
+def _outline_style() -> dict:
+    """Black line with a white halo: visible on dark and light maps alike."""
+    from matplotlib import patheffects
+
+    return dict(colors="k", linewidths=1.0, path_effects=[patheffects.withStroke(linewidth=2.4, foreground="w")])
+
+
+def _contour(ax: Any, gt: Optional[torch.Tensor]) -> None:
     if gt is not None and float(gt.max()) > 0 and float(gt.min()) < 1:
-        ax.contour(gt.numpy(), levels=[0.5], colors=colour, linewidths=0.7, origin="lower")
+        ax.contour(gt.numpy(), levels=[0.5], origin="lower", **_outline_style())
+
+
+def _bev_panel(ax: Any, title: str, oriented: bool = False) -> None:
+    """Title a BEV panel; ``oriented`` labels its axes with the grid's directions."""
+    ax.set_title(title, fontsize=10)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if oriented:
+        ax.set_xlabel("X → right", fontsize=9)
+        ax.set_ylabel("Z → forward", fontsize=9)
+
+
+def _sensor_style(sensor: str, order: list[str]) -> tuple[str, str]:
+    """(marker, colour) of a sensor; ``order`` lists every sensor drawn, for the spare styles."""
+    if sensor in _SENSOR_STYLE:
+        return _SENSOR_STYLE[sensor]
+    return _SPARE_STYLES[order.index(sensor) % len(_SPARE_STYLES)]
+
+
+def _mark_single_sensor(ax: Any, vehicles: Sequence[tuple[str, Any]]) -> None:
+    """A marker just forward of every vehicle seen by one sensor, styled by the sensor."""
+    order = sorted({sensor for sensor, _ in vehicles})
+    for sensor, footprint in vehicles:
+        rows, cols = torch.as_tensor(footprint).nonzero(as_tuple=True)
+        if len(rows):
+            marker, colour = _sensor_style(sensor, order)
+            # beside the footprint, not on it: the cells under the vehicle stay readable
+            ax.scatter([float(cols.float().mean())], [float(rows.max()) + 1.6], marker=marker, s=50,
+                       facecolors=colour, edgecolors="k", linewidths=0.9, zorder=3, clip_on=False)
+
+
+def _legend_handles(gt: bool, vehicles: Sequence[tuple[str, Any]]) -> list:
+    from matplotlib.lines import Line2D
+
+    handles = []
+    if gt:
+        handles.append(Line2D([], [], color="k", lw=1.0, label="ground-truth outline",
+                              path_effects=_outline_style()["path_effects"]))
+    order = sorted({sensor for sensor, _ in vehicles})
+    for sensor in order:
+        marker, colour = _sensor_style(sensor, order)
+        handles.append(Line2D([], [], ls="", marker=marker, markersize=8, markerfacecolor=colour,
+                              markeredgecolor="k", label=f"seen by the {sensor} only"))
+    return handles
 
 
 def _mosaic(images: torch.Tensor, sample: int) -> torch.Tensor:
@@ -86,6 +145,24 @@ def _mosaic(images: torch.Tensor, sample: int) -> torch.Tensor:
     return canvas
 
 
+def _sigmoid_panel(fig: Any, cells: Any, name: str, comp: torch.Tensor, gt_map: Optional[torch.Tensor],
+                   vehicles: Sequence[tuple[str, Any]]) -> None:
+    """sigmoid(component) in the first cell, with the caveat on how to read it in the second."""
+    ax = fig.add_subplot(cells[0, 0])
+    image = ax.imshow(torch.sigmoid(comp).numpy(), origin="lower", cmap="RdBu_r", vmin=0, vmax=1)
+    _contour(ax, gt_map)
+    _mark_single_sensor(ax, vehicles)
+    _bev_panel(ax, f"sigmoid({name} component)", oriented=True)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03).set_label("sigmoid(logits)", fontsize=9)
+    note = fig.add_subplot(cells[0, 1])
+    note.axis("off")
+    note.text(0.02, 0.5, f"How to read sigmoid({name} component):\n"
+              "sigmoid(0) = 0.5 (white) means no contribution, not a 50 % vehicle probability.\n"
+              "Above 0.5 the component raises the vehicle logit, below it lowers it.\n"
+              "The sigmoid squashes large logits together; compare sizes on the logit maps above.",
+              fontsize=9, va="center", transform=note.transAxes)
+
+
 def component_maps(
     res: Any,
     path: str | os.PathLike,
@@ -94,70 +171,132 @@ def component_maps(
     gt: Optional[torch.Tensor] = None,
     images: Optional[torch.Tensor] = None,
     title: Optional[str] = None,
+    single_sensor: Optional[Sequence[tuple[str, Any]]] = None,
+    sigmoid: Optional[str] = None,
 ) -> Path:
     """Per-component BEV maps of one output head, as in the paper's figures 3 and 4.
 
-    ``res`` is a :class:`lmdfx.Decomposition`. Row 1: the camera images (``images``, optional),
-    ground truth (``gt``, optional) and the prediction sigmoid(output). Row 2: sigmoid of each
-    component's logits (only positive evidence stays bright). Row 3: the signed logits on a
-    diverging colormap symmetric around 0 with one scale for all components (red supports,
-    blue suppresses). Ground-truth outlines are drawn on the component maps. Z (forward) points up.
+    ``res`` is a :class:`lmdfx.Decomposition`. Top row: the camera images (``images``, optional),
+    the ground truth (``gt``, optional) and the prediction sigmoid(output). Middle row: each
+    component's signed logits on one diverging scale symmetric around 0 (red raises the vehicle
+    logit, blue lowers it). ``single_sensor``: (sensor, footprint [Z, X]) of each vehicle that one
+    sensor alone saw, marked per sensor on the ground truth and the components. ``sigmoid``: a
+    component name to show once more as sigmoid(logits), captioned so that 0.5 reads as "no
+    contribution". Ground-truth outlines are drawn on every map; X points right, Z forward.
     """
-    stack = select(res.components, head)
     names = list(res.names)
+    if sigmoid is not None and sigmoid not in names:
+        raise LMDError(f"sigmoid={sigmoid!r} is not a component; the components are {', '.join(names)}.")
+    stack = select(res.components, head)
     comps = [_bev(stack[k], sample) for k in range(len(names))]
     pred = torch.sigmoid(_bev(select(res.output, head), sample))
     gt_map = _bev(gt, sample) if gt is not None else None
-    n = len(names)
-    cols = n + 1
-    fig = _figure(3.0 * cols, 8.6)
-    grid = fig.add_gridspec(3, cols)
-    top = fig.add_subplot(grid[0, : cols - 2]) if images is not None else None
-    if top is not None:
-        top.imshow(_mosaic(images, sample).numpy())
-        top.set_title("camera images")
-        top.axis("off")
-    ax = fig.add_subplot(grid[0, cols - 2])
+    vehicles = list(single_sensor or ())
+    fig = _figure(3.0 * max(len(names), 3) + 1.0, 6.8 if sigmoid is None else 9.8)
+    grid = fig.add_gridspec(2 if sigmoid is None else 3, 1)
+    ratios = [2.4] * (images is not None) + [1] * (gt_map is not None) + [1]
+    # panels keep their size and start at the left; an empty column takes what missing panels leave
+    top = grid[0].subgridspec(1, len(ratios) + 1, width_ratios=ratios + [4.4 - sum(ratios) + 1e-3])
+    if images is not None:
+        ax = fig.add_subplot(top[0, 0])
+        ax.imshow(_mosaic(images, sample).numpy())
+        ax.set_title("camera images", fontsize=10)
+        ax.axis("off")
     if gt_map is not None:
+        ax = fig.add_subplot(top[0, len(ratios) - 2])
         ax.imshow(gt_map.numpy(), origin="lower", cmap="gray", vmin=0, vmax=1)
-    ax.set_title("ground truth" if gt_map is not None else "(no ground truth)")
-    ax.axis("off")
-    ax = fig.add_subplot(grid[0, cols - 1])
-    ax.imshow(pred.numpy(), origin="lower", cmap="magma", vmin=0, vmax=1)
-    _contour(ax, gt_map, "w")
-    ax.set_title("prediction sigmoid(output)")
-    ax.axis("off")
+        _mark_single_sensor(ax, vehicles)
+        _bev_panel(ax, "ground truth", oriented=True)
+    ax = fig.add_subplot(top[0, len(ratios) - 1])
+    image = ax.imshow(pred.numpy(), origin="lower", cmap="magma", vmin=0, vmax=1)
+    _contour(ax, gt_map)
+    _bev_panel(ax, "prediction sigmoid(output)", oriented=gt_map is None)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03).set_label("P(vehicle)", fontsize=9)
+
+    # one symmetric scale for all components, so their sizes compare
     vmax = max(float(c.abs().max()) for c in comps) or 1.0
+    middle = grid[1].subgridspec(1, len(names))
+    row = []
     for k, (name, comp) in enumerate(zip(names, comps)):
-        ax = fig.add_subplot(grid[1, k])
-        im_sig = ax.imshow(torch.sigmoid(comp).numpy(), origin="lower", cmap="magma", vmin=0, vmax=1)
-        _contour(ax, gt_map, "w")
-        ax.set_title(f"{name}: sigmoid")
-        ax.axis("off")
-        ax = fig.add_subplot(grid[2, k])
-        im_signed = ax.imshow(comp.numpy(), origin="lower", cmap="RdBu_r", vmin=-vmax, vmax=vmax)
+        ax = fig.add_subplot(middle[0, k])
+        image = ax.imshow(comp.numpy(), origin="lower", cmap="RdBu_r", vmin=-vmax, vmax=vmax)
         _contour(ax, gt_map)
-        ax.set_title(f"{name}: signed logits")
-        ax.axis("off")
-    for row, image, label in ((1, im_sig, "sigmoid"), (2, im_signed, "logit contribution")):
-        holder = fig.add_subplot(grid[row, n])
-        holder.axis("off")
-        fig.colorbar(image, cax=holder.inset_axes([0.0, 0.05, 0.1, 0.9])).set_label(label)
+        _mark_single_sensor(ax, vehicles)
+        _bev_panel(ax, f"{name} component (logits)", oriented=k == 0)
+        row.append(ax)
+    fig.colorbar(image, ax=row, fraction=0.03, pad=0.02).set_label("logit contribution", fontsize=9)
+    caption = ("Components are signed logits on one scale: red raises the vehicle logit, blue lowers it, "
+               "white adds nothing; the components sum to the prediction's logit.")
+    if sigmoid is not None:
+        _sigmoid_panel(fig, grid[2].subgridspec(1, 2, width_ratios=[1, max(len(names), 3) - 1]), sigmoid,
+                       comps[names.index(sigmoid)], gt_map, vehicles)
+    handles = _legend_handles(gt_map is not None, vehicles)
+    if handles:  # the reading guide heads the legend: both at the bottom, neither hides the other
+        fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=9, frameon=False,
+                   title=caption, title_fontsize=9)
+    else:
+        fig.supxlabel(caption, fontsize=9)
     if title:
         fig.suptitle(title)
     return _save(fig, path)
 
 
-def layer_shares(res: Any, mixed_only: bool = True) -> tuple[list[str], torch.Tensor]:
+def _graph_positions(dec: Any) -> dict[str, int]:
+    """Recorded layer names (module or fx node names) -> position of their node in the traced graph."""
+    # the exact-trunk graph copies every traced node in order, with the module names it outputs
+    module = dec.module
+    graph = getattr(module, "graphs", (module,))[-1].graph
+    where: dict[str, int] = {}
+    for i, node in enumerate(graph.nodes):
+        for name in (*node.meta.get("lmd_module_outputs", ()), node.name):
+            where.setdefault(name, i)
+    return where
+
+
+def _memory(value: Any) -> Any:
+    """What identifies a recorded value without the graph: the memory its tensor views."""
+    if isinstance(value, torch.Tensor):
+        return (value.data_ptr(), value.storage_offset(), tuple(value.shape), value.stride())
+    return id(value)
+
+
+def _distinct_layers(res: Any, dec: Any = None) -> list[str]:
+    """The recorded layers, one name per distinct value (the outermost module), in network order.
+
+    A container whose output is its last child's is the same value recorded twice. With ``dec``
+    the order and the duplicates come from its graph; without, the recording order is kept and
+    duplicates are found by the tensors' memory.
+    """
+    if dec is not None:
+        where = _graph_positions(dec)
+        unknown = [name for name in res.layers if name not in where]
+        if unknown:
+            raise LMDError(f"layers {unknown[:3]} are not in the decomposer's graph; pass the decomposer that "
+                           "produced this decomposition as dec=.")
+        key = where.__getitem__
+    else:
+        key = lambda name: _memory(res.layers[name])  # noqa: E731
+    groups: dict[Any, list[str]] = {}
+    for name in res.layers:
+        groups.setdefault(key(name), []).append(name)
+    ordered = sorted(groups) if dec is not None else list(groups)
+    return [min(groups[k], key=len) for k in ordered]
+
+
+def layer_shares(res: Any, mixed_only: bool = True, dec: Any = None) -> tuple[list[str], torch.Tensor]:
     """(layer names, shares [L, M+1]): each component's share of Σ_k ||D_k||² per recorded layer.
 
-    ``mixed_only`` keeps layers where at least two components carry energy (after the fusion);
-    layers that belong to one modality entirely (encoders) are skipped. Batches are pooled.
+    Layers come in network order, each value once (a container and its last child are one layer,
+    named by the container). Pass the decomposer as ``dec`` for the order of its graph; without
+    it the layers keep the recording order. ``mixed_only`` keeps layers where at least two
+    components carry energy (after the fusion); layers that belong to one modality entirely
+    (encoders) are skipped. Batches are pooled.
     """
     if not res.layers:
         raise LMDError("the decomposition recorded no layers; compile with record='all' (or a list of layers).")
     names, shares = [], []
-    for layer, stack in res.layers.items():
+    for layer in _distinct_layers(res, dec):
+        stack = res.layers[layer]
         if not isinstance(stack, torch.Tensor) or stack.dim() < 1 or stack.shape[0] != len(res.names):
             continue
         energy = stack.detach().double().reshape(stack.shape[0], -1).pow(2).sum(1)
@@ -172,26 +311,53 @@ def layer_shares(res: Any, mixed_only: bool = True) -> tuple[list[str], torch.Te
     return names, torch.stack(shares).float()
 
 
-def layer_energy(res: Any, path: str | os.PathLike, mixed_only: bool = True, title: Optional[str] = None) -> Path:
-    """Stacked plot of each component's share of Σ_k ||D_k||² along the recorded layers (in order).
+def _layer_labels(layers: list[str], dec: Any) -> list[str]:
+    """Tick labels: module names as they are; a bare fx node with its module and op, the fusion marked."""
+    if dec is None:
+        return layers
+    report = dec.report()
+    rows = {row.node: row for row in report.rows}
+    labels = []
+    for name in layers:
+        row = rows.get(name)
+        if row is None:
+            labels.append(name)
+            continue
+        fusion = ", fusion" if name in report.fusion_nodes else ""
+        labels.append(f"{row.layer or name} ({row.op}{fusion})")
+    return labels
 
-    Use a decomposer compiled with ``record="all"``; see :func:`layer_shares` for ``mixed_only``.
+
+def _component_colours(names: Sequence[str]) -> list[str]:
+    """One colour per modality (matplotlib's cycle), grey for the bias."""
+    return ["0.6" if name == "bias" else f"C{k}" for k, name in enumerate(names)]
+
+
+def layer_energy(res: Any, path: str | os.PathLike, mixed_only: bool = True, title: Optional[str] = None,
+                 dec: Any = None) -> Path:
+    """Stacked bars of each component's share of Σ_k ||D_k||² at every recorded layer, in network order.
+
+    Use a decomposer compiled with ``record="all"`` and pass it as ``dec`` (network order and
+    readable names for bare fx nodes); see :func:`layer_shares` for ``mixed_only``.
     """
-    layers, shares = layer_shares(res, mixed_only)
-    import numpy as np
-
+    layers, shares = layer_shares(res, mixed_only, dec)
     n = len(layers)
-    fig = _figure(max(8.0, 0.12 * n + 3), 4.8)
+    # every layer gets a readable 8 pt label while that fits ~24 inches; beyond, every step-th
+    step = max(1, -(-n // 140))
+    fig = _figure(min(24.0, max(8.0, 0.16 * n + 3.0)), 7.0)
     ax = fig.add_subplot()
-    x = np.arange(n)
-    ax.stackplot(x, shares.T.numpy(), labels=list(res.names), step="mid", alpha=0.9)
-    ax.set_xlim(-0.5, n - 0.5)
+    bottom = torch.zeros(n)
+    for k, (name, colour) in enumerate(zip(res.names, _component_colours(res.names))):
+        ax.bar(range(n), shares[:, k].numpy(), bottom=bottom.numpy(), width=0.85, color=colour, label=name)
+        bottom += shares[:, k]
+    ax.set_xlim(-0.6, n - 0.4)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("share of Σ‖D_k‖²")
-    step = max(1, n // 24)
-    ax.set_xticks(x[::step])
-    ax.set_xticklabels([layers[i] for i in range(0, n, step)], rotation=75, fontsize=6)
-    ax.legend(loc="upper right", fontsize=8)
+    labels = _layer_labels(layers, dec)
+    ticks = list(range(0, n, step))
+    ax.set_xticks(ticks, [labels[i] for i in ticks], rotation=90, fontsize=8)
+    ax.set_xlabel("recorded layer, in network order" + (f" (every {step}th labelled)" if step > 1 else ""))
+    ax.set_ylabel("share of Σ_k ‖D_k‖² (component energy)")
+    ax.legend(title="component", loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=9)
     ax.set_title(title or "component energy per layer")
     return _save(fig, path)
 
@@ -259,8 +425,13 @@ def gradcam_figure(
     gt: Optional[torch.Tensor] = None,
     sample: int = 0,
     modalities: Optional[Sequence[str]] = None,
+    title: Optional[str] = None,
 ) -> Path:
-    """Modality-GradCAM of every modality (or ``modalities``) at ``layer``, up-sampled to the output grid."""
+    """Modality-GradCAM of every modality (or ``modalities``) at ``layer``, up-sampled to the output grid.
+
+    The modality panels share one colour scale (0 to the largest value of any of them), so their
+    brightness compares across modalities; the prediction is shown first.
+    """
     import torch.nn.functional as F
 
     with torch.no_grad():
@@ -273,17 +444,22 @@ def gradcam_figure(
         cam = modality_gradcam(dec, inputs, layer, name, region, head, op)
         cams.append(F.interpolate(cam[:, None].float(), size=size, mode="bilinear", align_corners=False)[sample, 0])
     gt_map = _bev(gt, sample) if gt is not None else None
-    fig = _figure(3.2 * (len(names) + 1), 3.6)
+    fig = _figure(3.2 * (len(names) + 1) + 1.0, 4.4)
     ax = fig.add_subplot(1, len(names) + 1, 1)
-    ax.imshow(torch.sigmoid(_bev(out, sample)).numpy(), origin="lower", cmap="magma", vmin=0, vmax=1)
-    _contour(ax, gt_map, "w")
-    ax.set_title("prediction")
-    ax.axis("off")
+    image = ax.imshow(torch.sigmoid(_bev(out, sample)).numpy(), origin="lower", cmap="magma", vmin=0, vmax=1)
+    _contour(ax, gt_map)
+    _bev_panel(ax, "prediction sigmoid(output)", oriented=True)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03).set_label("P(vehicle)", fontsize=9)
+    vmax = max(float(cam.max()) for cam in cams) or 1.0
+    panels = []
     for k, (name, cam) in enumerate(zip(names, cams)):
         ax = fig.add_subplot(1, len(names) + 1, k + 2)
-        im = ax.imshow(cam.cpu().numpy(), origin="lower", cmap="inferno", vmin=0, vmax=float(cam.max()) or 1.0)
-        _contour(ax, gt_map, "c")
-        ax.set_title(f"{name}-GradCAM @ {layer}", fontsize=9)
-        ax.axis("off")
-        fig.colorbar(im, ax=ax, fraction=0.046)
+        image = ax.imshow(cam.cpu().numpy(), origin="lower", cmap="inferno", vmin=0, vmax=vmax)
+        _contour(ax, gt_map)
+        _bev_panel(ax, f"{name}-GradCAM")
+        panels.append(ax)
+    fig.colorbar(image, ax=panels, fraction=0.03, pad=0.02).set_label("Modality-GradCAM (shared scale)", fontsize=9)
+    fig.suptitle(title or f"Modality-GradCAM at {layer}")
+    fig.supxlabel(f"Brighter: that modality's features at {layer} raise the vehicle logits more; one colour scale "
+                  "for all modalities; outlines: ground truth.", fontsize=9)
     return _save(fig, path)
