@@ -26,6 +26,7 @@ class Row:
     spread: float | None = None  # max Σ|components|
     tolerance: float | None = None  # allowed residual / scale for the node's dtype
     eps: float | None = None  # machine epsilon of the node's dtype
+    upstream: float = 0.0  # magnitude of the values this node is computed from (see Report.allowed)
     value_finite: bool = True
 
     @property
@@ -83,13 +84,26 @@ class Report:
             row = self._by_node[name]
             row.residual, row.scale, row.spread = error, scale, spread
             row.tolerance, row.eps, row.value_finite = tolerance(eps), eps, not not_finite
+            row.upstream = max((self._magnitude(self._by_node[p]) for p in self.graph.predecessors(name)
+                                if p in self._by_node and self._by_node[p].scale is not None), default=0.0)
             if failure is not None:
                 continue
             if not math.isfinite(error):
                 failure = (self._nonfinite_message(row), row)
-            elif error > row.tolerance * scale:
+            elif error > self.allowed(row):
                 failure = (self._inexact_message(row), row)
         return failure
+
+    @staticmethod
+    def _magnitude(row: Row) -> float:
+        """The magnitude a node's value is rounded at: its own max|value|, or, where that is
+        rounding noise of larger values upstream (the mean of a normalised map), theirs."""
+        return row.scale if row.scale >= math.sqrt(row.eps) * row.upstream else row.upstream
+
+    def allowed(self, row: Row) -> float:
+        """The largest residual accepted at ``row``: ``tolerance`` × max|value|, plus the rounding
+        of the op itself, 256·eps × the magnitude of its decomposed inputs."""
+        return row.tolerance * row.scale + 256 * row.eps * row.upstream
 
     def _nonfinite_message(self, row: Row) -> str:
         if not row.value_finite:
@@ -100,8 +114,8 @@ class Report:
 
     def _inexact_message(self, row: Row) -> str:
         return (f"The components do not sum to the value at {row.where()}: residual {row.residual:.3g}, "
-                f"value scale max|value| {row.scale:.3g} (relative {row.relative_residual:.3g} > tolerance "
-                f"{row.tolerance:.0e}), cancellation ratio Σ|components|/|value| {row.ratio:.3g}. "
+                f"value scale max|value| {row.scale:.3g} (relative {row.relative_residual:.3g}; allowed "
+                f"{self.allowed(row):.3g} from tolerance {row.tolerance:.0e}), cancellation ratio Σ|components|/|value| {row.ratio:.3g}. "
                 f"{self._suggestion(row)}")
 
     def _suggestion(self, row: Row) -> str:

@@ -135,6 +135,14 @@ EXAMPLES: dict[str, list[Example]] = {
     "resolve_conj": unary(lambda x: x.resolve_conj()),
     "resolve_neg": unary(lambda x: x.resolve_neg()),
     "getitem": unary(lambda x: x[:, 1:3, ..., 0]),
+    # torch.export spellings
+    "slice": unary(lambda x: torch.ops.aten.slice.Tensor(x, 2, 1, 3)),
+    "index": unary(lambda x: torch.ops.aten.index.Tensor(x, [None, INDEX])),
+    "copy": binary(torch.ops.aten.copy.default, (3, 5), (5,)),
+    "select_scatter": binary(lambda a, b: torch.select_scatter(a, b, 1, 0), S, (2, 4, 5)),
+    "slice_scatter": binary(lambda a, b: torch.slice_scatter(a, b, 2, 1, 3), S, (2, 3, 2, 5)),
+    "diagonal_scatter": binary(lambda a, b: torch.diagonal_scatter(a, b, 0, 2, 3), S, (2, 3, 4)),
+    "index_put": binary(lambda a, b: torch.index_put(a, (INDEX,), b), (3, 4), (3, 4)),
     # -- additive -------------------------------------------------------------------------------
     "add": binary(torch.add, S, S) + unary(lambda x: x + 2.0) + unary(lambda x: torch.add(x, _t(4, 5), alpha=2)),
     "sub": binary(torch.sub, S, S) + unary(lambda x: 1.0 - x),

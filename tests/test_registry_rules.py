@@ -113,7 +113,11 @@ def test_rule(op: str, example: Example, rules: lmdfx.Rules):
     if rule.tangent and rules.bias_split == "none" and only_op and outputs[0].dtype == torch.float64:
         # The operands' camera components are the camera input: the op's tangent map J·camera, with J
         # by reverse mode (an oracle independent of the rules' forward-mode jvp).
-        jacobians = torch.autograd.functional.jacobian(lambda c: tuple(floating(model(c, radar))), cam)
+        try:
+            jacobians = torch.autograd.functional.jacobian(lambda c: tuple(floating(model(c, radar))), cam)
+        except RuntimeError as exc:  # torch cannot differentiate a few ops (aten.copy): no oracle
+            assert "not implemented" in str(exc)
+            jacobians = ()
         for stack, jacobian in zip(stacks, jacobians):
             tangent = (jacobian.reshape(-1, cam.numel()) @ cam).reshape(stack.shape[1:])
             torch.testing.assert_close(stack[0], tangent, rtol=1e-9, atol=1e-9)

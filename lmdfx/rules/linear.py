@@ -135,6 +135,8 @@ class CopyRule(Rule):
         shape = target.shape[1:] if decomposed["self"] else target.shape
         k = (target if decomposed["self"] else source).shape[0]
         stack = source if decomposed["src"] else lift(source, BIAS, k)
+        # Broadcast the original value's axes, not the component axis: [K, *src] -> [K, 1.., *src].
+        stack = stack.reshape(k, *([1] * (len(shape) - stack.dim() + 1)), *stack.shape[1:])
         return stack.to(target.dtype).expand(k, *shape).clone()
 
 
