@@ -88,7 +88,8 @@ def resolve_record(gm: fx.GraphModule, record: None | str | Sequence[str]) -> di
         covered = set(chosen.values())
         chosen.update({node.name: node for node in gm.graph.nodes
                        if node.meta.get("lmd_kind") == "mixed" and node not in covered})
-        return chosen
+        order = {node: i for i, node in enumerate(gm.graph.nodes)}
+        return dict(sorted(chosen.items(), key=lambda item: order[item[1]]))  # graph (topological) order
     if isinstance(record, str):
         record = [record]
     chosen, unknown = {}, []
