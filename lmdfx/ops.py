@@ -144,6 +144,9 @@ DISCRETE_OPS = {
     "bucketize", "searchsorted",
 }
 
+# Casts: a cast of a mask to a floating dtype is a number, not a mask.
+CASTS = {"float", "double", "half", "bfloat16", "to", "type", "type_as"}
+
 # Ops whose result is random even in eval mode.
 RANDOM_OPS = {
     "rand", "rand_like", "randn", "randn_like", "randint", "randint_like", "randperm", "bernoulli",

@@ -118,3 +118,35 @@ def test_pretraced_graph_module_and_exported_program_are_accepted():
 def test_export_needs_example_inputs():
     with pytest.raises(lmdfx.LMDError, match="example_inputs"):
         lmdfx.compile(model(Plain), MODALITIES, frontend="export")
+
+
+class TokenFusion(nn.Module):
+    """Text as token ids: its embedding output is the text modality's value; a padding mask
+    made from the ids is a constant of the mixed computation, frozen with the operating point."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.proj = nn.Conv2d(2, 4, 1)
+
+    def forward(self, ids, image):
+        text = self.embed(ids)  # [B, T, 4]
+        pixels = self.proj(image).flatten(2).transpose(1, 2)  # [B, P, 4]
+        scores = torch.softmax(pixels @ text.transpose(1, 2), -1)  # [B, P, T]
+        scores = torch.where((ids == 0).unsqueeze(1), torch.zeros_like(scores), scores)
+        return scores @ text
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_token_ids_are_decomposed_from_their_embedding(frontend):
+    torch.manual_seed(0)
+    m = TokenFusion().double().eval()
+    ids = torch.tensor([[3, 1, 0, 5]])
+    image = torch.randn(1, 2, 3, 3, dtype=torch.float64)
+    dec = lmdfx.compile(m, {"text": "ids", "image": "image"}, frontend=frontend, example_inputs=(ids, image),
+                        rules=lmdfx.Rules(product="freeze"))
+    res = dec(ids, image)
+    torch.testing.assert_close(res.components.sum(0), m(ids, image), rtol=0, atol=1e-12)
+    assert res["text"].abs().max() > 0 and res["image"].abs().max() == 0  # P frozen: text carries the value
+    other = dec(torch.tensor([[4, 0, 2, 2]]), image, operating_point=res.operating_point)
+    torch.testing.assert_close(other["image"], res["image"], rtol=0, atol=0)

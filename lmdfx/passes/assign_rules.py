@@ -19,15 +19,14 @@ from ..rules import OpCall, Rules, resolve
 from ..rules.base import NodeRef
 from ..rules.registry import check_override_keys, matched_overrides, why_unsupported
 
-DECOMPOSED_KINDS = ("mixed", "pure")
-
-
 def op_call(gm: fx.GraphModule, node: fx.Node) -> OpCall:
     """The compile-time description of a node's operation that rules work from."""
 
     def ref(value):
         if isinstance(value, fx.Node):
-            return NodeRef(value.name, value.meta["lmd_kind"] in DECOMPOSED_KINDS)
+            decomposed = value.meta["lmd_kind"] == "mixed" or (
+                value.meta["lmd_kind"] == "pure" and not value.meta.get("lmd_discrete"))
+            return NodeRef(value.name, decomposed)
         return value
 
     args = fx.node.map_aggregate(node.args, ref)

@@ -1,8 +1,8 @@
 """Pass 3 — provenance: which modalities each value depends on.
 
 Requires: ``normalize`` (``meta["lmd_op"]``).
-Ensures: every node has ``meta["lmd_provenance"]`` (frozenset of modality indices) and
-``meta["lmd_kind"]``, one of
+Ensures: every node has ``meta["lmd_provenance"]`` (frozenset of modality indices),
+``meta["lmd_discrete"]`` (a mask / index / integer value) and ``meta["lmd_kind"]``, one of
 
 - ``"context"``: depends on no modality (parameters, calibration, shapes) — runs once;
 - ``"pure"``: depends on exactly one modality (an encoder) — runs once, wholly that modality's;
@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
 from torch import fx
 
-from ..ops import DISCRETE_OPS, METADATA_OPS
+from ..ops import CASTS, DISCRETE_OPS, METADATA_OPS
 from .normalize import returns_indices
 
 
@@ -56,4 +57,22 @@ def provenance(gm: fx.GraphModule, modality_params: Sequence[str]) -> fx.GraphMo
             sources = frozenset()
         node.meta["lmd_provenance"] = sources
         node.meta["lmd_kind"] = kind
+        node.meta["lmd_discrete"] = _discrete(node)
     return gm
+
+
+def _discrete(node: fx.Node) -> bool:
+    """Whether a node's value is discrete (a mask, indices, token ids): from the dtype
+    torch.export recorded, else from its op — a comparison, or a shape op on discrete inputs.
+    A pure discrete value is a constant where it meets a mixed computation (an operating-point
+    constant, like a frozen node), never a decomposed operand."""
+    value = node.meta.get("val")
+    if isinstance(value, torch.Tensor):
+        return not (value.is_floating_point() or value.is_complex())
+    op = node.meta.get("lmd_op")
+    if op in DISCRETE_OPS:
+        return True
+    if op in CASTS or node.op in ("placeholder", "get_attr"):
+        return False
+    inputs = [n for n in node.all_input_nodes if n.meta.get("lmd_kind") != "context"]
+    return bool(inputs) and all(n.meta.get("lmd_discrete") for n in inputs)

@@ -136,10 +136,10 @@ def rewrite(gm: fx.GraphModule, modality_names: Sequence[str], record: dict[str,
         if node in views:
             return views[node]
         kind = node.meta["lmd_kind"]
-        if kind == "pure":
+        if kind == "pure" and not node.meta.get("lmd_discrete"):
             (index,) = node.meta["lmd_provenance"]
             views[node] = graph.call_function(lift, (reference(node), index, k))
-        elif kind == "frozen":
+        elif kind in ("frozen", "pure"):  # a pure mask or index is an operating-point constant here
             views[node] = graph.call_function(frozen_value, (frozen, node.name, reference(node)))
             constants[node.name] = reference(node)
         else:
@@ -148,7 +148,7 @@ def rewrite(gm: fx.GraphModule, modality_names: Sequence[str], record: dict[str,
 
     def as_components(node: Any) -> Any:
         """A value as a component stack, for outputs and records (None if not a tensor value)."""
-        if not isinstance(node, fx.Node) or node.meta.get("lmd_kind") == "frozen":
+        if not isinstance(node, fx.Node) or node.meta.get("lmd_kind") == "frozen" or node.meta.get("lmd_discrete"):
             return None
         if node.meta["lmd_kind"] == "context":
             return graph.call_function(constant_components, (reference(node), k))
