@@ -195,7 +195,7 @@ def run(config_name: str, device: torch.device, repeats: int, batch: int = 1) ->
     inputs = post_fusion_inputs(model, batch)
     modalities = {"camera": "feat_bev", "radar": "radar_bev"}
     naive = NaiveLMD(post, modalities)
-    exact = lmdfx.compile(post, modalities)
+    exact = lmdfx.compile(post, modalities, exact_output=True)
     fast = lmdfx.compile(post, modalities, exact_output=False)
     for dec in (exact, fast):
         dec.check = "off"

@@ -29,7 +29,7 @@ def compile(
     leaf_modules: Iterable[Any] = (),
     concrete_args: dict[str, Any] | None = None,
     optimize: bool = True,
-    exact_output: bool = True,
+    exact_output: bool = False,
     check: str = "raise",
     frontend: str = "auto",
     example_inputs: Any = None,
@@ -41,9 +41,12 @@ def compile(
     ``backend``: a ``torch.compile`` backend for the generated module. ``leaf_modules``
     (types or qualified names) and ``concrete_args`` are passed to the tracer.
     ``optimize``: run the structural-zeros rewrite (same results up to summation order).
-    ``exact_output=False``: after the fusion layer the trunk is, where no rule needs its own
-    value, the sum of the components, which saves one run of the post-fusion layers per call;
-    ``res.output`` then equals ``model(...)`` to rounding instead of bitwise.
+    ``exact_output``: by default (False) the trunk of a mixed node whose rule is linear and
+    covered by the registry-driven tests is the sum of its components, so the layers after the
+    fusion run once per component and not once more for the trunk; ``res.output`` then equals
+    ``model(...)`` to rounding. ``True`` runs the original graph as the trunk: ``res.output`` is
+    bitwise ``model(...)`` and every mixed node is checked, at the cost of one more run of the
+    post-fusion layers.
     ``check``: after every reference call each mixed node's components must sum to its value
     within a dtype-aware tolerance relative to max |value| (``lmdfx.runtime.tolerance``) and be
     finite; ``"raise"`` raises ``ExactnessError`` naming the first node that is not, ``"warn"``
@@ -103,7 +106,7 @@ def compile(
         summed, _ = rewrite(gm, list(modalities), recorded, trunk_mode="sum")
         decomposed = TrunkDispatch(optimize_graph(summed, structural=optimize), decomposed)
     return Decomposer(model, decomposed, layout, modalities, report, backend=backend, check=check,
-                      specialised=capture.examples)
+                      specialised=capture.examples, exact_output=exact_output)
 
 
 FRONTENDS = ("auto", "fx", "export")

@@ -23,10 +23,11 @@ class Row:
     source: str = ""
     residual: float | None = None  # max |Σ components − value| in the last reference call
     scale: float | None = None  # max |value| at the same node (finite elements)
-    spread: float | None = None  # max Σ|components|
+    spread: float | None = None  # Σ_k max|component k| (an upper bound of max Σ|components|)
     tolerance: float | None = None  # allowed residual / scale for the node's dtype
     eps: float | None = None  # machine epsilon of the node's dtype
     upstream: float = 0.0  # magnitude of the values this node is computed from (see Report.allowed)
+    derived: bool = False  # the value is the sum of the components (exact_output=False): residual 0 by construction
     value_finite: bool = True
 
     @property
@@ -38,7 +39,7 @@ class Row:
 
     @property
     def relative_residual(self) -> float | None:
-        if self.residual is None:
+        if self.residual is None or self.derived:
             return None
         return self.residual / self.scale if self.scale else (0.0 if self.residual == 0 else math.inf)
 
@@ -80,19 +81,29 @@ class Report:
             return None
         values = torch.stack([residuals[name] for name in names]).tolist()  # one device sync
         failure = None
-        for name, (error, scale, spread, not_finite, eps) in zip(names, values):
+        for name, (error, scale, spread, eps, derived) in zip(names, values):
             row = self._by_node[name]
-            row.residual, row.scale, row.spread = error, scale, spread
-            row.tolerance, row.eps, row.value_finite = tolerance(eps), eps, not not_finite
+            row.derived = bool(derived)
+            row.value_finite = math.isfinite(scale)
+            # A value holding ±inf (an additive mask) is checked for equal infinities only.
+            row.residual, row.scale, row.spread = error, scale if row.value_finite else 0.0, spread
+            row.tolerance, row.eps = tolerance(eps), eps
             row.upstream = max((self._magnitude(self._by_node[p]) for p in self.graph.predecessors(name)
                                 if p in self._by_node and self._by_node[p].scale is not None), default=0.0)
             if failure is not None:
                 continue
-            if not math.isfinite(error):
+            if not math.isfinite(error) or (row.derived and math.isnan(scale)):
                 failure = (self._nonfinite_message(row), row)
             elif error > self.allowed(row):
                 failure = (self._inexact_message(row), row)
+            elif row.derived and self._meaningless(row):
+                failure = (self._derived_message(row), row)
         return failure
+
+    def _meaningless(self, row: Row) -> bool:
+        """Components so large against the value that their rounding alone (eps × Σ|components|)
+        can exceed the residual allowed at the node."""
+        return row.value_finite and row.spread is not None and row.eps * row.spread > self.allowed(row)
 
     @staticmethod
     def _magnitude(row: Row) -> float:
@@ -111,6 +122,12 @@ class Report:
                     "its decomposition cannot be exact. Check the inputs and the model at that layer.")
         return (f"The components became NaN or Inf at {row.where()} (the model's value is finite there). "
                 f"{self._suggestion(row)}")
+
+    def _derived_message(self, row: Row) -> str:
+        return (f"The components cancel at {row.where()}: Σ|components| is {row.ratio:.3g}× the value, so the "
+                f"value summed from them can be off by more than the tolerance {row.tolerance:.0e} (the model's own "
+                "value is not computed there with exact_output=False). "
+                f"{self._suggestion(row)} Compile with exact_output=True to measure the residual against the model.")
 
     def _inexact_message(self, row: Row) -> str:
         return (f"The components do not sum to the value at {row.where()}: residual {row.residual:.3g}, "
@@ -139,7 +156,7 @@ class Report:
         for r in self.rows:
             if r.ratio is None or (upstream is not None and r.node not in upstream):
                 continue
-            if r.ratio > r.tolerance / r.eps:
+            if self._meaningless(r):
                 return r
         return None
 
@@ -154,7 +171,7 @@ class Report:
     @property
     def max_relative_residual(self) -> float | None:
         """max over nodes of residual / max|value| in the last reference call (None before any)."""
-        ratios = [r.relative_residual for r in self.rows if r.residual is not None]
+        ratios = [r.relative_residual for r in self.rows if r.relative_residual is not None]
         return max(ratios) if ratios else None
 
     def counts(self) -> dict[str, int]:
@@ -167,7 +184,7 @@ class Report:
         header = ("node", "layer", "op", "provenance", "rule", "residual", "cancellation")
         table = [header] + [
             (r.node, r.layer or "-", r.op, f"{r.kind}:{'+'.join(r.provenance) or '-'}", r.rule,
-             "-" if r.residual is None else f"{r.relative_residual:.1e}",
+             "-" if r.relative_residual is None else f"{r.relative_residual:.1e}",
              "-" if r.ratio is None else f"{r.ratio:.3g}")
             for r in self.rows
         ]

@@ -121,13 +121,14 @@ class Decomposer:
 
     def __init__(self, model: nn.Module, module: nn.Module, layout: Layout, modalities: Mapping[str, str],
                  report: Report, backend: Any = None, check: str = "raise",
-                 specialised: Mapping[str, Any] | None = None):
+                 specialised: Mapping[str, Any] | None = None, exact_output: bool = False):
         self.model = model
         self.module = module
         self.layout = layout
         self.modalities = dict(modalities)
         self.names = (*layout.modality_names, "bias")
         self.check = check
+        self.exact_output = exact_output
         self._specialised = dict(specialised or {})
         self._report = report
         self._signature = inspect.signature(model.forward)

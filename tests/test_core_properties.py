@@ -61,7 +61,7 @@ def assert_sums_to(stack: torch.Tensor, value: torch.Tensor, what: str) -> None:
 def test_equality_at_every_recorded_node(arch, rules):
     net = make_program_net(arch["in_channels"], arch["fusion"], arch["program"], arch["encoders"], arch["seed"])
     inputs = program_inputs(net, arch["seed"])
-    dec = lmdfx.compile(net, net.modality_args(), rules=rules, record="all")
+    dec = lmdfx.compile(net, net.modality_args(), rules=rules, record="all", exact_output=True)
     res = dec(*inputs)
     expected, by_module = module_outputs(net, inputs)
     assert torch.equal(res.output, expected)

@@ -60,8 +60,8 @@ def simplebev64():
 
 def test_simplebev_structural_zeros_unchanged(simplebev64):
     model, inputs = simplebev64
-    reference = lmdfx.compile(model, model.modality_args, optimize=False, record="all")(**inputs)
-    dec = lmdfx.compile(model, model.modality_args, record="all")
+    reference = lmdfx.compile(model, model.modality_args, optimize=False, exact_output=True, record="all")(**inputs)
+    dec = lmdfx.compile(model, model.modality_args, exact_output=True, record="all")
     assert uses_sliced_affine(dec), "the fusion conv over cat(camera, radar) should be sliced"
     result = dec(**inputs)
     expected = model(**inputs)
@@ -73,7 +73,7 @@ def test_simplebev_structural_zeros_unchanged(simplebev64):
 
 def test_simplebev_summed_trunk_unchanged(simplebev64):
     model, inputs = simplebev64
-    reference = lmdfx.compile(model, model.modality_args, optimize=False, record="all")(**inputs)
+    reference = lmdfx.compile(model, model.modality_args, optimize=False, exact_output=True, record="all")(**inputs)
     dec = lmdfx.compile(model, model.modality_args, exact_output=False, record="all")
     result = dec(**inputs)
     compare(reference, result, SUMMED_TOL)
@@ -87,7 +87,7 @@ def test_simplebev_summed_trunk_unchanged(simplebev64):
 
 def test_summed_trunk_frozen_point_uses_exact_trunk(simplebev64):
     model, inputs = simplebev64
-    exact = lmdfx.compile(model, model.modality_args)
+    exact = lmdfx.compile(model, model.modality_args, exact_output=True)
     fast = lmdfx.compile(model, model.modality_args, exact_output=False)
     other = dict(inputs, radar_bev=inputs["radar_bev"].flip(0))
     op_exact = exact.operating_point(**inputs)
@@ -140,7 +140,7 @@ def test_cat_fusion_variants(exact_output):
               torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64),
               torch.randn(2, 1, 8, 8, generator=g, dtype=torch.float64))
     modalities = {"a": "x0", "b": "x1"}
-    reference = lmdfx.compile(net, modalities, optimize=False)(*inputs)
+    reference = lmdfx.compile(net, modalities, optimize=False, exact_output=True)(*inputs)
     dec = lmdfx.compile(net, modalities, exact_output=exact_output)
     module = getattr(dec.module, "exact", dec.module)
     assert sum(n.target is sliced_affine for n in module.graph.nodes) == 7
@@ -166,8 +166,8 @@ def test_random_fusion_nets_unchanged(in_channels, fusion, program, encoders, se
     net = make_program_net(in_channels, fusion, program, encoders, seed)
     inputs = program_inputs(net, seed)
     modalities = net.modality_args()
-    reference = lmdfx.compile(net, modalities, rules=rules, optimize=False, record="all")(*inputs)
-    optimised = lmdfx.compile(net, modalities, rules=rules, record="all")
+    reference = lmdfx.compile(net, modalities, rules=rules, optimize=False, exact_output=True, record="all")(*inputs)
+    optimised = lmdfx.compile(net, modalities, rules=rules, exact_output=True, record="all")
     if fusion == "cat":
         assert uses_sliced_affine(optimised)
     result = optimised(*inputs)

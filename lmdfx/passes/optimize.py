@@ -44,6 +44,11 @@ class TrunkDispatch(nn.Module):
         return self.summed.graph
 
     @property
+    def lmd_rules(self) -> nn.Module:
+        """The rule modules (shared by both graphs)."""
+        return self.exact.lmd_rules
+
+    @property
     def graphs(self) -> tuple[fx.GraphModule, fx.GraphModule]:
         return self.summed, self.exact
 

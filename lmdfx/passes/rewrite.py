@@ -52,20 +52,30 @@ def constant_components(value: Any, k: int) -> torch.Tensor | None:
 
 def residual(check: bool, frozen: dict | None, stack: Any, value: Any) -> torch.Tensor | None:
     """The equality check of one node at the operating point, as float64
-    ``[max |Σ components − value|, max |value|, max Σ|components|, value not finite, dtype eps]``.
-    Equal infinities count as exact (an additive ``-inf`` mask); a NaN residual means the value
-    or the components are not finite there. Maxima are over the finite elements of the value."""
-    if (not check or frozen is not None or not isinstance(stack, torch.Tensor) or not isinstance(value, torch.Tensor)
-            or not value.is_floating_point() or value.numel() == 0):
+    ``[max |Σ components − value|, max |value|, Σ_k max |component k|, dtype eps, derived]``
+    (maxima over elements; the third bounds max Σ|components|). ``value=None``: the node's value
+    is the sum of its components (``derived`` = 1): only the cancellation can be measured.
+    Equal infinities count as exact (an additive ``-inf`` mask); a NaN residual means a value or
+    component is not finite; an infinite max|value| means the value holds ``±inf``."""
+    if not check or frozen is not None or not isinstance(stack, torch.Tensor) or stack[0].numel() == 0:
         return None
-    total = stack.sum(0)
-    error = torch.where(total == value, torch.zeros_like(value), (total - value).abs())
-    finite = torch.isfinite(value)
-    scale = torch.where(finite, value.abs(), torch.zeros_like(value)).amax()
-    spread = torch.where(finite, stack.abs().sum(0), torch.zeros_like(value)).amax()
-    eps = torch.finfo(value.dtype).eps
-    stats = torch.stack([error.amax(), scale, spread, (~finite).any().to(value.dtype)]).detach().double()
-    return torch.cat([stats, stats.new_full((1,), eps)])
+    derived = value is None
+    if derived:
+        value = stack.sum(0)
+    elif not isinstance(value, torch.Tensor) or value.shape != stack.shape[1:]:
+        return None
+    if not value.is_floating_point():
+        return None
+    inf = float("inf")
+    if derived:
+        error = value.new_zeros(())
+    else:
+        total = stack.sum(0)
+        error = torch.linalg.vector_norm(torch.where(total == value, 0.0, total - value), inf)
+    stats = torch.stack([error, torch.linalg.vector_norm(value, inf),
+                         torch.linalg.vector_norm(stack.reshape(stack.shape[0], -1), inf, dim=1).sum()]).detach()
+    return torch.cat([stats.double(), stats.new_tensor([torch.finfo(value.dtype).eps, float(derived)],
+                                                       dtype=torch.float64)])
 
 
 @dataclass
@@ -114,9 +124,11 @@ def component_sum(stack: Any) -> Any:
 def rewrite(gm: fx.GraphModule, modality_names: Sequence[str], record: dict[str, fx.Node],
             trunk_mode: str = "exact") -> tuple[fx.GraphModule, Layout]:
     """``trunk_mode="exact"``: the trunk is the original graph. ``"sum"``: the trunk value of a
-    mixed node whose rule reads no operating point (linear, affine, additive) is the sum of its
-    components, so the post-fusion layers run once per component and not once more for the
-    trunk; outputs then equal the model's to rounding. Frozen-point calls need the exact trunk."""
+    mixed node whose rule is ``summable`` and ``verified`` (linear, affine, additive: covered by
+    the registry-driven tests) is the sum of its components, so those layers run once per
+    component and not once more for the trunk; outputs then equal the model's to rounding, and
+    the equality check runs on the other nodes, against the op applied to the summed inputs.
+    Frozen-point calls need the exact trunk."""
     k = len(modality_names) + 1
     graph = fx.Graph()
     trunk: dict[fx.Node, fx.Node] = {}
@@ -170,7 +182,7 @@ def rewrite(gm: fx.GraphModule, modality_names: Sequence[str], record: dict[str,
             output_node = node
             break
         by_sum = (trunk_mode == "sum" and node.meta.get("lmd_kind") == "mixed"
-                  and node.meta["lmd_rule"].summable)
+                  and node.meta["lmd_rule"].summable and node.meta["lmd_rule"].verified)
         if not by_sum:
             trunk[node] = graph.node_copy(node, reference)
         if node.meta.get("lmd_kind") != "mixed":
@@ -194,7 +206,10 @@ def rewrite(gm: fx.GraphModule, modality_names: Sequence[str], record: dict[str,
         stack.meta.update(lmd_branch_of=node.name)
         views[node] = stack
         if by_sum:
-            summed[node] = stack  # its own sum: no residual to check
+            # Its value is its own sum: nothing to compare, but how much the components cancel
+            # bounds how far that sum can be from the model's value.
+            summed[node] = stack
+            residuals[node.name] = graph.call_function(residual, (check, frozen, stack, None))
             continue
         residuals[node.name] = graph.call_function(residual, (check, frozen, stack, trunk[node]))
 

@@ -162,6 +162,12 @@ class Rule(nn.Module):
         self.call = call
         self.options = options
 
+    @property
+    def verified(self) -> bool:
+        """Whether this exact class is in the registry, so the registry-driven tests cover it (a
+        user's rule class, even a subclass of a registered one, is not)."""
+        return type(self).__dict__.get("registered", False)
+
     @classmethod
     def decomposable(cls, op: str) -> tuple[int | str, ...]:
         """The argument positions of ``op`` this rule decomposes."""

@@ -52,6 +52,7 @@ def register(family: str, variant: str = "default", ops: Iterable[str] = (), pri
             raise LMDError(f"Rule {cls.__name__}: family {family!r} already has a variant {variant!r} "
                            f"({variants[variant].__name__}).")
         variants[variant] = cls
+        cls.registered = True  # read by Rule.verified on this exact class only
         _PRIORITY.setdefault(family, priority)
         for op in ops:
             candidates = OPS.setdefault(op, [])
