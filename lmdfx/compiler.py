@@ -8,7 +8,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import fx, nn
 
-from .errors import LMDError, TraceError
+from .errors import LMDError, TraceError, UnsupportedOpError
 from .passes import assign_rules, normalize, provenance, resolve_record, rewrite, trace
 from .passes.export import Capture, export, exported_program, graph_module
 from .passes import optimize as optimize_graph
@@ -54,7 +54,8 @@ def compile(
     ``frontend``: ``"fx"`` (symbolic tracing), ``"export"`` (``torch.export`` on
     ``example_inputs`` — a tuple of positional arguments, a dict of keyword arguments, or an
     ``(args, kwargs)`` pair; the program is specialised to their shapes and non-tensor values),
-    or ``"auto"``: fx, then export when fx cannot trace and ``example_inputs`` are given. A
+    or ``"auto"``: fx, then export when fx cannot trace, or traces ops no rule decomposes, and
+    ``example_inputs`` are given (``dec.report().frontend`` says which ran). A
     pre-traced ``fx.GraphModule`` or a ``torch.export.ExportedProgram`` is taken as it is.
     The model is never modified.
     """
@@ -94,10 +95,14 @@ def compile(
     if fixed:
         raise LMDError(f"Modality parameter(s) {fixed} are fixed by concrete_args; a modality input must stay an input.")
     capture = _capture(model, frontend, example_inputs, leaf_modules, concrete_args)
-    gm = capture.gm
-    normalize(gm)
-    provenance(gm, list(modalities.values()))
-    assign_rules(gm, rules)
+    try:
+        gm = _assign(capture, modalities, rules)
+    except UnsupportedOpError:
+        if not (frontend == "auto" and capture.frontend == "fx" and example_inputs is not None):
+            raise
+        # fx captured the model but kept calls no rule knows; export records them as ATen ops.
+        capture = export(model, example_inputs)
+        gm = _assign(capture, modalities, rules)
     recorded = resolve_record(gm, record)
     report = Report(gm, list(modalities), frontend=capture.frontend)
     decomposed, layout = rewrite(gm, list(modalities), recorded)
@@ -110,6 +115,14 @@ def compile(
 
 
 FRONTENDS = ("auto", "fx", "export")
+
+
+def _assign(capture: Capture, modalities: Mapping[str, str], rules: Rules) -> fx.GraphModule:
+    """Passes normalize -> provenance -> assign_rules on a captured graph."""
+    gm = capture.gm
+    normalize(gm)
+    provenance(gm, list(modalities.values()))
+    return assign_rules(gm, rules)
 
 
 class _ExportedModel(nn.Module):

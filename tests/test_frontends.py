@@ -150,3 +150,74 @@ def test_token_ids_are_decomposed_from_their_embedding(frontend):
     assert res["text"].abs().max() > 0 and res["image"].abs().max() == 0  # P frozen: text carries the value
     other = dec(torch.tensor([[4, 0, 2, 2]]), image, operating_point=res.operating_point)
     torch.testing.assert_close(other["image"], res["image"], rtol=0, atol=0)
+
+
+@torch.fx.wrap
+def scaled_tanh(x, scale):
+    """A library helper its author wrapped for fx (its body is plain tensor code)."""
+    return torch.tanh(x) * scale if scale is not None else torch.tanh(x)
+
+
+@torch.fx.wrap
+def untraceable(x):
+    if x.sum() > 0:  # data-dependent: fx cannot trace the body
+        return x * 2
+    return x
+
+
+class Wrapped(nn.Module):
+    def forward(self, cam, radar):
+        return scaled_tanh(cam + radar, 0.5) + untraceable(cam)
+
+
+def test_fx_wrapped_functions_are_traced_into_where_their_bodies_trace():
+    cam, radar = inputs()
+    dec = lmdfx.compile(Wrapped().eval(), MODALITIES)
+    ops = {row.op for row in dec.report().rows}
+    assert "tanh" in ops and "scaled_tanh" not in ops  # traced into
+    assert "untraceable" in ops  # kept as a call: pure camera, so it needs no rule
+    torch.testing.assert_close(dec(cam, radar).components.sum(0), Wrapped()(cam, radar))
+
+
+def helper_leaf(x):
+    return torch.sin(x) * 2
+
+
+class UsesHelper(nn.Module):
+    def forward(self, cam, radar):
+        return helper_leaf(cam + radar)
+
+
+def test_free_functions_can_be_leaves_with_taylor():
+    cam, radar = inputs()
+    dec = lmdfx.compile(UsesHelper().eval(), MODALITIES, leaf_modules=[helper_leaf],
+                        rules=lmdfx.Rules(overrides={"helper_leaf": "taylor"}))
+    assert [row.rule for row in dec.report().rows if row.op == "helper_leaf"] == ["taylor"]
+    torch.testing.assert_close(dec(cam, radar).components.sum(0), UsesHelper()(cam, radar))
+
+
+class ExportOnly(nn.Module):
+    def forward(self, cam, radar):
+        return helper_leaf(cam + radar)
+
+
+def test_auto_falls_back_to_export_for_ops_no_rule_knows():
+    cam, radar = inputs()
+    with pytest.raises(lmdfx.UnsupportedOpError):
+        lmdfx.compile(ExportOnly().eval(), MODALITIES, leaf_modules=[helper_leaf])
+    dec = lmdfx.compile(ExportOnly().eval(), MODALITIES, leaf_modules=[helper_leaf], example_inputs=(cam, radar))
+    assert dec.report().frontend == "export"
+    torch.testing.assert_close(dec(cam, radar).components.sum(0), ExportOnly()(cam, radar))
+
+
+class ContiguousView(nn.Module):
+    def forward(self, cam, radar):
+        x = torch.cat([cam, radar], 1)
+        return x.transpose(1, 2).contiguous().view(x.shape[0], -1)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_transpose_contiguous_view(frontend):
+    cam, radar = inputs()
+    dec = lmdfx.compile(ContiguousView().eval(), MODALITIES, frontend=frontend, example_inputs=(cam, radar))
+    torch.testing.assert_close(dec(cam, radar).components.sum(0), ContiguousView()(cam, radar))

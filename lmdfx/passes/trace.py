@@ -8,6 +8,7 @@ node carries ``meta["lmd_layer"]`` (innermost module qualified name),
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import re
@@ -16,6 +17,7 @@ from typing import Any, Iterable
 
 import torch
 from torch import fx, nn
+from torch.fx import _symbolic_trace as fx_tracing
 
 from ..errors import TraceError
 
@@ -44,10 +46,12 @@ def user_source(stack_trace: str | None) -> str:
 
 
 class LMDTracer(fx.Tracer):
-    """A tracer that keeps module scopes and user source lines, with configurable leaves."""
+    """A tracer that keeps module scopes and user source lines, with configurable leaves
+    (module types, module qualified names, or free functions kept as one call)."""
 
     def __init__(self, leaf_modules: Iterable[Any] = ()):
-        super().__init__()
+        leaf_modules = tuple(leaf_modules)
+        super().__init__(autowrap_functions=tuple(f for f in leaf_modules if _is_function(f)))
         self.record_stack_traces = True
         self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self.leaf_names = {m for m in leaf_modules if isinstance(m, str)}
@@ -70,13 +74,57 @@ class LMDTracer(fx.Tracer):
         return node
 
 
-def trace(model: nn.Module, leaf_modules: Iterable[Any] = (), concrete_args: dict | None = None) -> fx.GraphModule:
-    """Symbolically trace ``model``; raise ``TraceError`` saying which construct failed and what to do."""
-    tracer = LMDTracer(leaf_modules)
+def _is_function(value: Any) -> bool:
+    return callable(value) and not isinstance(value, (type, str, nn.Module))
+
+
+@contextlib.contextmanager
+def _wrapped_kept(keep: set[tuple[int, str]]):
+    """Trace into functions a library marked with ``torch.fx.wrap`` (timm's attention helpers:
+    their bodies are plain tensor code our rules know, an opaque call is not), except torch.fx's
+    own and those in ``keep``."""
+    registry = fx_tracing._wrapped_fns_to_patch
+    saved = dict(registry)
+    for key, namespace in saved.items():
+        if key not in keep and not str(namespace.get("__name__", "")).startswith("torch."):
+            del registry[key]
     try:
-        graph = tracer.trace(model, concrete_args=concrete_args)
-    except Exception as exc:  # fx raises many types; all mean "cannot trace"
-        raise TraceError(_explain(exc)) from exc
+        yield
+    finally:
+        registry.clear()
+        registry.update(saved)
+
+
+def _failing_wrapped(exc: BaseException) -> set[tuple[int, str]]:
+    """The ``torch.fx.wrap`` functions whose bodies raised ``exc`` while being traced into."""
+    keys = set()
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        key = (id(frame.f_globals), frame.f_code.co_name)
+        if key in fx_tracing._wrapped_fns_to_patch:
+            keys.add(key)
+        tb = tb.tb_next
+    return keys
+
+
+def trace(model: nn.Module, leaf_modules: Iterable[Any] = (), concrete_args: dict | None = None) -> fx.GraphModule:
+    """Symbolically trace ``model``; raise ``TraceError`` saying which construct failed and what to do.
+    Functions wrapped with ``torch.fx.wrap`` are traced into; one whose body cannot be traced
+    stays a call, as its author meant."""
+    leaf_modules = tuple(leaf_modules)
+    keep: set[tuple[int, str]] = set()
+    while True:
+        tracer = LMDTracer(leaf_modules)
+        try:
+            with _wrapped_kept(keep):
+                graph = tracer.trace(model, concrete_args=concrete_args)
+            break
+        except Exception as exc:  # fx raises many types; all mean "cannot trace"
+            failing = _failing_wrapped(exc) - keep
+            if not failing:
+                raise TraceError(_explain(exc)) from exc
+            keep |= failing
     calls: Counter[str] = Counter()
     for path, out in tracer.module_outputs:
         if isinstance(out, fx.Proxy):

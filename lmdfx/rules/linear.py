@@ -82,6 +82,10 @@ class LinearRule(Rule):
             if stack.dim() >= 4 and (spatial == 0 or stack.dim() == spatial + 3):
                 out = self.call.invoke((stack.flatten(0, 1), *args[1:]), kwargs)
                 return out.unflatten(0, stack.shape[:2])
+        if self.call.op == "view" and args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
+            # A view that the model's own (contiguous) value allows may not fit each component of
+            # a permuted stack (a transpose then .contiguous() that export records as a clone).
+            args = (args[0].contiguous(), *args[1:])
         return self.vmap_call(args, kwargs)
 
 
@@ -115,7 +119,8 @@ class IdentityRule(Rule):
 
     def forward(self, constants: Any, args: tuple, kwargs: dict) -> torch.Tensor:
         stack = first_decomposed(args, kwargs, self.call.decomposed)
-        return stack.contiguous() if self.call.op == "contiguous" else stack
+        # contiguous (and clone, its torch.export spelling) make each component contiguous too
+        return stack.contiguous() if self.call.op in ("contiguous", "clone") else stack
 
 
 @register("copy", ops=("copy",))
