@@ -1,14 +1,18 @@
 """The lmdfx command: the demo end to end, inspect, evaluate on the sensor world and on a tiny
 nuScenes-format dataset, any model from a module:factory, --weights, --threads, progress bars,
-and one-line errors (exit status 2) for bad arguments."""
+one-line errors (exit status 2) for bad arguments checked before any model is built, failing
+user models, and Ctrl-C (exit status 130, one line)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,6 +20,7 @@ import pytest
 import torch
 
 import lmdfx
+from lmdfx.bev import cli
 from lmdfx.bev.cli import main
 from lmdfx.bev.weights import WORLD_WEIGHTS
 
@@ -131,11 +136,11 @@ def test_evaluate_nuscenes_with_checkpoint(tmp_path, capsys):
     (["--model", "simplebev-tiny", "--nuscenes", "{tmp}", "--version", "v1.0-mini", "--split", "mini_train"],
      "not found in"),
     (["--model", "simplebev-tiny", "--nuscenes", "{tmp}", "--split", "mini_val"], "does not belong"),
-    (["--model", "simplebev-tiny", "--world", "--checkpoint", "{tmp}/missing.pth"], "does not exist"),
+    (["--model", "simplebev-tiny", "--world", "--checkpoint", "{tmp}/missing.pth"], "not found"),
     (["--model", "simplebev-tiny", "--world", "--checkpoint", "{tmp}/lidar.pth"], "does not match"),
     (["--model", "simplebev-tiny", "--world", "--checkpoint", "{tmp}/junk.pth"], "model_state_dict"),
     (["--model", "simplebev-tiny", "--world", "--checkpoint", "{tmp}"], "no model-*.pth"),
-    (["--model", "simplebev-tiny", "--world", "--limit", "2", "--shift", "2", "--repeats", "1"], "onto itself"),
+    (["--model", "simplebev-tiny", "--world", "--limit", "2", "--shift", "2", "--repeats", "1"], "with itself"),
     (["--model", "simplebev-tiny", "--world", "--device", "tpu"], "--device"),
 ])
 def test_evaluate_errors_are_one_line(tmp_path, capsys, args, needle):
@@ -202,6 +207,31 @@ class NeedsArgs(nn.Module):
 def build():
     torch.manual_seed(0)
     return BEVNet()
+
+
+class Explodes(BEVNet):
+    # traces and compiles; fails when it runs (its output does not broadcast)
+
+    def forward(self, images, radar_bev):
+        return super().forward(images, radar_bev) + torch.ones(5, 5)
+
+
+def explodes():
+    return Explodes()
+
+
+class Sleeper(BEVNet):
+    # signals that it is being traced, then takes a minute
+
+    def forward(self, images, radar_bev):
+        import os, pathlib, time
+        pathlib.Path(os.environ["LMDFX_TEST_STARTED"]).touch()
+        time.sleep(60)
+        return super().forward(images, radar_bev)
+
+
+def sleeper():
+    return Sleeper()
 """
 
 
@@ -328,3 +358,228 @@ def test_checkpoint_of_a_factory_model(in_model_folder, capsys):
     assert main([*args, "--checkpoint", str(in_model_folder / "net.pt")]) == 0
     assert main([*args, "--checkpoint", str(in_model_folder / "other.pt")]) == 2
     assert "does not fit the model" in _error_line(capsys)
+
+
+# ---------------------------------------------------------------------------
+# Bad arguments: one line, exit status 2, before any model is built
+# ---------------------------------------------------------------------------
+@pytest.fixture
+def no_model_building(monkeypatch):
+    """Any model building fails the test: the checks must come first."""
+    def built(*args, **kwargs):
+        raise AssertionError("a model was built before the arguments were checked")
+
+    from lmdfx.bev import demo
+
+    monkeypatch.setattr(cli, "build_model", built)
+    monkeypatch.setattr(demo, "build_model", built)
+
+
+EVALUATE = ["evaluate", "--model", "simplebev-tiny", "--world", "--no-progress"]
+DEMO = ["demo", "--no-progress"]
+
+
+@pytest.mark.parametrize("command", [EVALUATE, DEMO], ids=["evaluate", "demo"])
+def test_out_is_checked_before_any_model_is_built(tmp_path, monkeypatch, capsys, no_model_building, command):
+    name = command[0]
+    (tmp_path / "file.txt").write_text("keep me")
+    for out, needle in ((tmp_path / "file.txt", "is an existing file, not a folder"),
+                        (tmp_path / "file.txt" / "sub", "is a file, not a folder")):
+        assert main([*command, "--out", str(out)]) == 2
+        line = _error_line(capsys)
+        assert line.startswith(f"lmdfx {name}: error: --out '{out}'") and needle in line
+    assert (tmp_path / "file.txt").read_text() == "keep me"
+    # not writable: a folder, or the parent of a folder to create (os.access: root may write anywhere)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked else real(p, mode))
+    assert main([*command, "--out", str(locked)]) == 2
+    assert "is not writable; pick a folder you can write to" in _error_line(capsys)
+    assert main([*command, "--out", str(locked / "a" / "b")]) == 2
+    assert f"cannot be created: '{locked}' is not writable" in _error_line(capsys)
+    assert not (locked / "a").exists()
+
+
+def test_out_in_a_read_only_place_is_an_error_in_a_real_run(tmp_path):
+    if os.access("/proc/sys", os.W_OK) or not os.path.isdir("/proc/sys"):
+        pytest.skip("needs a folder this user cannot write to (/proc/sys on Linux)")
+    proc = _run("evaluate", "--model", "simplebev-tiny", "--world", "--out", "/proc/sys/lmdfx-out")
+    assert proc.returncode == 2
+    assert proc.stderr == ("lmdfx evaluate: error: --out '/proc/sys/lmdfx-out' cannot be created: '/proc/sys' is not "
+                           "writable; pick a folder you can write to.\n")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    ([*EVALUATE, "--limit", "0"], "argument --limit: must be a positive integer (1 or more), got 0"),
+    ([*EVALUATE, "--limit", "ten"], "argument --limit: must be a positive integer (1 or more), got 'ten'"),
+    ([*EVALUATE, "--shift", "0"], "argument --shift: must be a positive integer (1 or more), got 0"),
+    ([*EVALUATE, "--repeats", "-3"], "argument --repeats: must be a positive integer (1 or more), got -3"),
+    ([*EVALUATE, "--seed", "-1"], "argument --seed: must be an integer >= 0, got -1"),
+    ([*DEMO, "--scenes", "1"], "argument --scenes: must be an integer of 2 or more"),
+    ([*DEMO, "--scenes", "0"], "argument --scenes: must be an integer of 2 or more"),
+    (["inspect", "simplebev-tiny", "--threads", "0"], "argument --threads: must be a positive integer"),
+])
+def test_bad_numbers_are_argparse_errors(tmp_path, capsys, argv, needle):
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--out", str(tmp_path)] if argv[0] != "inspect" else argv)
+    assert info.value.code == 2
+    line = _error_line(capsys)
+    assert line.startswith(f"lmdfx {argv[0]}: error: ") and needle in line and line.endswith("--help)")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--limit", "1"], "the dataset has 1 sample; the separation protocol pairs each sample with another one, so it "
+                       "needs at least 2 (raise --limit)."),
+    (["--limit", "4", "--shift", "4", "--repeats", "3"],
+     "--shift 4 with --repeats 3 pairs each of the 4 samples with itself (partner p = (k + 4·r) mod 4 = k for every "
+     "r), so nothing would be measured; use a --shift that is not a multiple of 4, e.g. --shift 1."),
+    (["--limit", "3", "--shift", "6", "--repeats", "2"], "not a multiple of 3"),
+    (["--model", "nope"], "unknown model 'nope'; pass as --model one of simplebev-world"),
+    (["--model", "mymodels:missing"], "module 'mymodels' has no callable 'missing'"),
+    (["--model", "no_such_pkg_xyz:build"], "cannot import module 'no_such_pkg_xyz' of model"),
+    (["--model", "missing.py:build"], "cannot import module 'missing.py' of model 'missing.py:build': no such file"),
+    (["--model", ":build"], "is not module:factory"),
+    (["--weights", "missing.pt", "--model", "simplebev-world"], "--weights 'missing.pt' not found"),
+    (["--checkpoint", "missing.pth"], "--checkpoint 'missing.pth' not found"),
+    (["--device", "tpu"], "--device must be cpu or cuda"),
+])
+def test_evaluate_arguments_are_checked_before_any_model_is_built(in_model_folder, capsys, no_model_building,
+                                                                   args, needle):
+    argv = ["evaluate", "--model", "simplebev-tiny", "--world", "--out", str(in_model_folder / "ev"), "--no-progress"]
+    if "--model" in args:
+        argv[1:3] = []
+    assert main([*argv, *args]) == 2
+    line = _error_line(capsys)
+    assert line.startswith("lmdfx evaluate: error: ") and needle in line, line
+    assert not (in_model_folder / "ev").exists()
+
+
+def test_nuscenes_dataroot_is_checked_before_any_model_is_built(tmp_path, capsys, no_model_building):
+    assert main(["evaluate", "--model", "simplebev-tiny", "--nuscenes", str(tmp_path / "none"),
+                 "--out", str(tmp_path / "ev")]) == 2
+    assert "does not exist; pass the folder holding samples/" in _error_line(capsys)
+
+
+def test_demo_arguments_are_checked_before_any_model_is_built(tmp_path, capsys, no_model_building):
+    assert main(["demo", "--weights", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "demo")]) == 2
+    assert _error_line(capsys) == (f"lmdfx demo: error: --weights '{tmp_path / 'missing.pt'}' not found; pass a file "
+                                   "written by python -m lmdfx.bev.train_world --out PATH (or leave --weights out: "
+                                   "the shipped weights).")
+    from lmdfx.bev import demo
+
+    with pytest.raises(lmdfx.LMDError, match="--scenes must be an integer of 2 or more"):
+        demo.run(tmp_path / "demo", scenes=1)
+    assert not (tmp_path / "demo").exists()
+
+
+def test_partners_that_wrap_around_are_explained(tmp_path, capsys):
+    # 4 samples, offsets 2, 4, 6: r = 2 is the sample itself, r = 1 and 3 reach the same partner
+    assert main(["evaluate", "--model", "simplebev-tiny", "--data", "examples", "--limit", "4", "--shift", "2",
+                 "--repeats", "3", "--out", str(tmp_path), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert ("lmdfx evaluate: note: partner p = (k + 2·r) mod 4 wraps around the 4 samples: for r = 2 the partner is "
+            "the sample itself and is skipped; the other 2 offsets reach only 1 distinct partner") in err
+    assert json.loads((tmp_path / "evaluation.json").read_text())["separation"]["pairs"] == 8
+    assert main(["evaluate", "--model", "simplebev-tiny", "--data", "examples", "--limit", "3", "--shift", "1",
+                 "--repeats", "2", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert "note" not in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# A user's model that fails: one line, exit status 2; --debug: the traceback
+# ---------------------------------------------------------------------------
+def test_a_failing_user_model_is_a_one_line_error(in_model_folder, capsys):
+    args = ["--data", "examples", "--limit", "2", "--shift", "1", "--repeats", "1",
+            "--out", str(in_model_folder / "ev"), "--no-progress"]
+    assert main(["evaluate", "--model", "mymodels:explodes", *args]) == 2
+    line = _error_line(capsys)
+    assert line.startswith("lmdfx evaluate: error: model 'mymodels:explodes' failed while running on 2 samples of "
+                           "example_inputs(), seed 2: RuntimeError: The size of tensor a")
+    assert line.endswith("--debug shows the traceback)")
+    assert not (in_model_folder / "ev").exists()
+    with pytest.raises(lmdfx.LMDError) as info:  # --debug: the exception, its cause the model's own
+        main(["evaluate", "--model", "mymodels:explodes", *args, "--debug"])
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert main(["inspect", "mymodels:explodes", "--run"]) == 2
+    assert _error_line(capsys).startswith("lmdfx inspect: error: model 'mymodels:explodes' failed while running "
+                                          "on example_inputs(): RuntimeError")
+    assert main(["evaluate", "--model", "mymodels:NeedsArgs", *args]) == 2  # at build time
+    assert "model factory 'mymodels:NeedsArgs' failed: TypeError" in _error_line(capsys)
+
+
+def test_a_failing_user_model_in_a_real_run(in_model_folder):
+    proc = subprocess.run([sys.executable, "-m", "lmdfx", "evaluate", "--model", "mymodels:explodes", "--data",
+                           "examples", "--limit", "2", "--shift", "1", "--repeats", "1", "--out", "ev",
+                           "--no-progress"], capture_output=True, text=True, timeout=120, env=ENV, cwd=in_model_folder)
+    assert proc.returncode == 2
+    assert len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert "model 'mymodels:explodes' failed while running" in proc.stderr
+
+
+# ---------------------------------------------------------------------------
+# Ctrl-C: exit status 130, one line, no file half-written
+# ---------------------------------------------------------------------------
+def _interrupt(argv: list[str], cwd: Path, ready, env: dict | None = None, timeout: float = 120) -> tuple[int, str]:
+    """Run ``lmdfx argv``, send SIGINT once ``ready(stderr so far)`` holds; (exit status, stderr)."""
+    proc = subprocess.Popen([sys.executable, "-m", "lmdfx", *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, cwd=cwd, env=env or ENV)
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
+    reader.start()
+    deadline = time.time() + timeout
+    try:
+        while not ready("".join(err)):
+            assert proc.poll() is None, f"lmdfx ended before the interrupt: {''.join(err)}"
+            assert time.time() < deadline, f"lmdfx did not get going: {''.join(err)}"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(timeout=10)
+    return code, "".join(err)
+
+
+def test_ctrl_c_while_a_model_is_traced(in_model_folder):
+    started = in_model_folder / "started"
+    code, err = _interrupt(["evaluate", "--model", "mymodels:sleeper", "--data", "examples", "--limit", "2",
+                            "--shift", "1", "--repeats", "1", "--out", "ev", "--no-progress"], in_model_folder,
+                           lambda _: started.exists(), env=dict(ENV, LMDFX_TEST_STARTED=str(started)))
+    assert code == 130
+    assert err == "lmdfx evaluate: interrupted\n"
+
+
+def test_ctrl_c_during_an_evaluation(tmp_path):
+    code, err = _interrupt(["evaluate", "--model", "simplebev-tiny", "--world", "--limit", "50", "--shift", "1",
+                            "--repeats", "12", "--out", "ev"], tmp_path, lambda e: "metrics:" in e)
+    assert code == 130
+    assert err.replace("\r", "\n").splitlines()[-1] == "lmdfx evaluate: interrupted"
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert not (tmp_path / "ev").exists() or not list((tmp_path / "ev").iterdir())
+
+
+def test_ctrl_c_while_writing_leaves_old_files_whole(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "ev"
+    out.mkdir()
+    (out / "evaluation.json").write_text("old json")
+    (out / "evaluation.md").write_text("old md")
+    from lmdfx.bev import files
+
+    replaced = []
+
+    def replace(src, dst):  # the first file lands, Ctrl-C comes while the second is written
+        if replaced:
+            raise KeyboardInterrupt
+        replaced.append(dst)
+        os.rename(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", replace)
+    code = main(["evaluate", "--model", "simplebev-tiny", "--data", "examples", "--limit", "2", "--shift", "1",
+                 "--repeats", "1", "--out", str(out), "--no-progress"])
+    assert code == 130
+    assert capsys.readouterr().err == "lmdfx evaluate: interrupted\n"
+    assert json.loads((out / "evaluation.json").read_text())["samples"] == 2
+    assert (out / "evaluation.md").read_text() == "old md"
+    assert sorted(p.name for p in out.iterdir()) == ["evaluation.json", "evaluation.md"]

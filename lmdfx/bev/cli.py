@@ -3,8 +3,10 @@
 Models come from :data:`lmdfx.bev.registry.MODELS` or a ``module:factory``, datasets from
 :data:`lmdfx.bev.registry.DATASETS`. Bad arguments and failing models end with one line on
 stderr (``lmdfx COMMAND: error: ...``) and exit status 2; ``--debug`` shows the traceback instead.
-``evaluate`` runs distributed under ``torchrun`` (samples sharded over the ranks, sums
-all-reduced, rank 0 writes the outputs).
+Arguments are checked before any model is built. Ctrl-C ends a command with one line
+(``lmdfx COMMAND: interrupted``) and exit status 130. Output files are written atomically
+(:mod:`lmdfx.bev.files`): an interrupted run leaves no truncated file. ``evaluate`` runs distributed
+under ``torchrun`` (samples sharded over the ranks, sums all-reduced, rank 0 writes the outputs).
 """
 
 from __future__ import annotations
@@ -14,16 +16,20 @@ import json
 import os
 import sys
 import time
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
 import lmdfx
 from lmdfx.bev.evaluation import evaluate
+from lmdfx.bev.files import check_out_folder, write_text
 from lmdfx.bev.registry import DATASETS, MODELS, DataRequest, build_model
 from lmdfx.errors import LMDError
+from lmdfx.metrics import dataset_size
 
 __all__ = ["main"]
 
@@ -63,14 +69,26 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _positive(text: str) -> int:
+def _integer(text: str, least: int, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
     return value
+
+
+def _positive(text: str) -> int:
+    return _integer(text, 1, "a positive integer (1 or more)")
+
+
+def _non_negative(text: str) -> int:
+    return _integer(text, 0, "an integer >= 0")
+
+
+def _scenes(text: str) -> int:
+    return _integer(text, 2, "an integer of 2 or more (the separation protocol pairs each scene with another)")
 
 
 class _NuScenes(argparse.Action):
@@ -96,7 +114,7 @@ def _add_demo(sub: Any, common: argparse.ArgumentParser) -> None:
                           description="Decompose the sensor-world SimpleBEV on unseen scenes and write PNG figures "
                                       "plus report.md / report.json (needs matplotlib: pip install \"lmdfx[viz]\").")
     demo.add_argument("--out", default="lmdfx-demo", help="output folder (default: ./lmdfx-demo)")
-    demo.add_argument("--scenes", type=_positive, default=12, help="sensor-world scenes to evaluate (default 12)")
+    demo.add_argument("--scenes", type=_scenes, default=12, help="sensor-world scenes to evaluate (default 12)")
     demo.add_argument("--weights", help="world weights from python -m lmdfx.bev.train_world --out PATH "
                                         "(default: the shipped file)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -133,8 +151,8 @@ def _add_evaluate(sub: Any, common: argparse.ArgumentParser) -> None:
     ev.add_argument("--version", default="v1.0-trainval", help="nuScenes version (default v1.0-trainval)")
     ev.add_argument("--split", default="val", help="nuScenes split (default val)")
     ev.add_argument("--limit", type=_positive, help="first N samples only (generated datasets: N samples)")
-    ev.add_argument("--seed", type=int, default=2, help="seed of generated datasets (default 2: the sensor-world "
-                                                        "scenes training did not see)")
+    ev.add_argument("--seed", type=_non_negative, default=2,
+                    help="seed of generated datasets (default 2: the sensor-world scenes training did not see)")
     ev.add_argument("--shift", type=_positive, default=500, help="partner offset step (default 500)")
     ev.add_argument("--repeats", type=_positive, default=12, help="partners per sample (default 12)")
     ev.add_argument("--head", help="output head (dict key) to measure (default: segmentation for the registered "
@@ -157,11 +175,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``lmdfx`` command; returns the exit status."""
-    args = _parser().parse_args(argv)
+    """Entry point of the ``lmdfx`` command; returns the exit status (130 after Ctrl-C)."""
+    try:
+        args = _parser().parse_args(argv)
+    except KeyboardInterrupt:
+        print("lmdfx: interrupted", file=sys.stderr)
+        return 130
     torch.set_num_threads(args.threads)
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            traceback.print_exc()
+        print(f"lmdfx {args.command}: interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:
         if args.debug:
             raise
@@ -178,11 +205,98 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 # ---------------------------------------------------------------------------
+# Checks made before any model is built
+# ---------------------------------------------------------------------------
+def _check_model(spec: str, option: str) -> None:
+    """``spec`` names a registered model or an importable ``module:factory`` (the factory is not called)."""
+    if spec in MODELS:
+        return
+    if ":" not in spec:
+        raise LMDError(f"unknown model {spec!r}; pass as {option} one of {', '.join(MODELS)} or module:factory "
+                       "(a function returning the model, e.g. mymodels:build).")
+    module_name, _, attr = spec.rpartition(":")
+    if not module_name or not attr:
+        raise LMDError(f"{option} {spec!r} is not module:factory; write e.g. mymodels:build (module mymodels, "
+                       "function build).")
+    if module_name.endswith(".py"):
+        # a file is executed once, when the model is built; here only its presence is checked
+        if not os.path.isfile(module_name):
+            raise LMDError(f"cannot import module {module_name!r} of model {spec!r}: no such file; fix {option}.")
+        return
+    from lmdfx.bev.registry import _import_module
+
+    try:
+        module = _import_module(module_name)
+    except Exception as exc:  # any failure inside the user's module: say which module, keep the cause
+        raise LMDError(f"cannot import module {module_name!r} of model {spec!r}: {type(exc).__name__}: {exc}") \
+            from exc
+    if not callable(getattr(module, attr, None)):
+        raise LMDError(f"module {module_name!r} has no callable {attr!r}; module:factory must name a function "
+                       f"(or class) returning the model. Fix {option}.")
+
+
+def _check_file(option: str, path: Optional[str], what: str, folder: bool = False) -> None:
+    """``path`` (when given) exists and is a file (or, with ``folder``, a file or a folder)."""
+    if path is None:
+        return
+    if not os.path.exists(path):
+        raise LMDError(f"{option} {path!r} not found; pass {what}.")
+    if not folder and not os.path.isfile(path):
+        raise LMDError(f"{option} {path!r} is not a file; pass {what}.")
+
+
+def _check_partners(shift: int, repeats: int, n: int, command: str = "evaluate") -> None:
+    """The partner offsets ``shift * r`` (r = 1..repeats) against ``n`` samples: an error when no
+    sample gets a partner, a note on stderr when offsets wrap onto the sample itself or repeat."""
+    if n < 2:
+        raise LMDError(f"the dataset has {n} sample; the separation protocol pairs each sample with another one, "
+                       "so it needs at least 2 (raise --limit).")
+    residues = [(shift * r) % n for r in range(1, repeats + 1)]
+    onto_itself = [r for r, x in enumerate(residues, 1) if x == 0]
+    pairs = repeats - len(onto_itself)
+    if pairs == 0:
+        raise LMDError(f"--shift {shift} with --repeats {repeats} pairs each of the {n} samples with itself "
+                       f"(partner p = (k + {shift}·r) mod {n} = k for every r), so nothing would be measured; use a "
+                       f"--shift that is not a multiple of {n}, e.g. --shift 1.")
+    distinct = len({x for x in residues if x})
+    if onto_itself or distinct < pairs:
+        parts = []
+        if onto_itself:
+            parts.append(f"for r = {', '.join(map(str, onto_itself))} the partner is the sample itself and is "
+                         "skipped")
+        if distinct < pairs:
+            parts.append(f"the other {pairs} offsets reach only {distinct} distinct partner{'s' * (distinct > 1)} "
+                         "(a repeated partner is measured again)")
+        if os.environ.get("RANK", "0") == "0":
+            print(f"lmdfx {command}: note: partner p = (k + {shift}·r) mod {n} wraps around the {n} samples: "
+                  f"{'; '.join(parts)}. Each sample gets {pairs} pairs; a --shift with no common factor with {n} "
+                  f"and --repeats below {n} gives distinct partners.", file=sys.stderr)
+
+
+@contextmanager
+def _model_errors(spec: str, doing: str) -> Iterator[None]:
+    """An exception of a ``module:factory`` model (other than lmdfx's own errors) as a one-line LMDError."""
+    if spec in MODELS:  # the registered models are lmdfx's own: their failures are bugs (exit 1)
+        yield
+        return
+    try:
+        yield
+    except LMDError:
+        raise
+    except Exception as exc:
+        message = " ".join(str(exc).split())
+        raise LMDError(f"model {spec!r} failed while {doing}: {type(exc).__name__}: {message} (the model's code, "
+                       "its inputs or the decomposition of one of its operations; --debug shows the traceback)") \
+            from exc
+
+
+# ---------------------------------------------------------------------------
 # demo
 # ---------------------------------------------------------------------------
 def _cmd_demo(args: argparse.Namespace) -> int:
     from lmdfx.bev import demo  # the sensor world and figures: only the demo needs them
 
+    # demo.run checks --out, --scenes and --weights (and matplotlib) before it builds the model
     demo.run(args.out, args.scenes, args.weights, progress=not args.no_progress)
     return 0
 
@@ -191,12 +305,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # inspect
 # ---------------------------------------------------------------------------
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    _check_model(args.model, "MODEL")
     model, modalities, _ = build_model(args.model)
-    dec = lmdfx.compile(model, modalities)
+    with _model_errors(args.model, "being compiled"):
+        dec = lmdfx.compile(model, modalities)
     if args.run:
         if not callable(getattr(model, "example_inputs", None)):
             raise LMDError(f"{args.model} has no example_inputs(); drop --run.")
-        with torch.no_grad():
+        with _model_errors(args.model, "running on example_inputs()"), torch.no_grad():
             dec(**model.example_inputs())
     print(dec.report())
     return 0
@@ -209,10 +325,6 @@ def _init_distributed(device_arg: Optional[str]) -> tuple[int, int, torch.device
     """(rank, world size, device); joins the torchrun process group when the environment has one."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available() and device_arg != "cpu"
-    if device_arg == "cuda" and not torch.cuda.is_available():
-        raise LMDError("--device cuda but no CUDA device is available; use --device cpu.")
-    if device_arg not in (None, "cpu", "cuda"):
-        raise LMDError(f"--device must be cpu or cuda, got {device_arg!r}.")
     if world > 1:
         dist = torch.distributed
         if not dist.is_initialized():
@@ -226,13 +338,6 @@ def _init_distributed(device_arg: Optional[str]) -> tuple[int, int, torch.device
     return rank, world, device
 
 
-def _out_folder(path: str) -> Path:
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise LMDError(f"--out {str(out)!r} exists and is not a folder; pick another path.")
-    return out
-
-
 def _markdown(args: argparse.Namespace, desc: str, head: Any, processes: int, result: Any) -> str:
     """evaluation.md."""
     lines = [f"# lmdfx evaluate: {args.model}", "",
@@ -243,29 +348,51 @@ def _markdown(args: argparse.Namespace, desc: str, head: Any, processes: int, re
     return "\n".join(lines)
 
 
+def _check_evaluate(args: argparse.Namespace) -> Path:
+    """Every argument that can be checked without building the model; returns the --out folder."""
+    if args.device not in (None, "cpu", "cuda"):
+        raise LMDError(f"--device must be cpu or cuda, got {args.device!r}.")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise LMDError("--device cuda but no CUDA device is available; use --device cpu.")
+    out = check_out_folder(args.out)
+    _check_file("--weights", args.weights, "a file written by python -m lmdfx.bev.train_world --out PATH")
+    _check_file("--checkpoint", args.checkpoint, "a state-dict file or a folder of model-*.pth files", folder=True)
+    if args.data == "nuscenes" and (args.dataroot is None or not os.path.isdir(args.dataroot)):
+        raise LMDError(f"nuScenes dataroot {args.dataroot!r} does not exist; pass the folder holding samples/, "
+                       "sweeps/, maps/ and v1.0-*/ as --nuscenes.")
+    if args.limit is not None and args.data in ("world", "examples"):  # generated: exactly --limit samples
+        _check_partners(args.shift, args.repeats, args.limit)
+    _check_model(args.model, "--model")
+    return out
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     start = time.time()
-    out = _out_folder(args.out)
+    out = _check_evaluate(args)
     model, modalities, default_head = build_model(args.model, args.weights)
     if args.checkpoint:
         _load_checkpoint(model, args.checkpoint)
     request = DataRequest(args.dataroot, args.version, args.split, args.limit, args.seed)
     entry = DATASETS[args.data]
     data, desc = entry.build(model, request)
+    if not (args.limit is not None and args.data in ("world", "examples")):
+        _check_partners(args.shift, args.repeats, dataset_size(data))
     rank, world, device = _init_distributed(args.device)
     head = args.head if args.head is not None else default_head
-    dec = lmdfx.compile(model.to(device), modalities)
-    result = evaluate(dec, data, shift=args.shift, repeats=args.repeats, head=head,
-                      iou=entry.ground_truth and not args.no_iou,
-                      progress=rank == 0 and not args.no_progress)
+    with _model_errors(args.model, "being compiled"):
+        dec = lmdfx.compile(model.to(device), modalities)
+    with _model_errors(args.model, f"running on {desc}"):
+        result = evaluate(dec, data, shift=args.shift, repeats=args.repeats, head=head,
+                          iou=entry.ground_truth and not args.no_iou,
+                          progress=rank == 0 and not args.no_progress)
     if rank != 0:
         return 0
     out.mkdir(parents=True, exist_ok=True)
     record = {"model": args.model, "weights": args.weights, "checkpoint": args.checkpoint, "dataset": args.data,
               "data": desc, "head": head, "shift": args.shift, "repeats": args.repeats, "processes": world,
               "device": str(device), "seconds": round(time.time() - start, 1), **result.to_dict()}
-    (out / "evaluation.json").write_text(json.dumps(record, indent=2))
-    (out / "evaluation.md").write_text(_markdown(args, desc, head, world, result))
+    write_text(out / "evaluation.json", json.dumps(record, indent=2))
+    write_text(out / "evaluation.md", _markdown(args, desc, head, world, result))
     print(f"wrote {out / 'evaluation.md'} and {out / 'evaluation.json'}")
     print(result.separation.table())
     return 0

@@ -7,6 +7,7 @@ IoU and the ground-truth attribution score of LMD and of exact Shapley values.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -18,14 +19,33 @@ from lmdfx.bev import viz
 from lmdfx.bev.attribution import attribution_score, shapley_maps
 from lmdfx.bev.data.sensor_world import SensorWorld
 from lmdfx.bev.evaluation import HEAD, Evaluation, evaluate
+from lmdfx.bev.files import check_out_folder, write_text
 from lmdfx.bev.registry import build_model
 from lmdfx.errors import LMDError
 from lmdfx.metrics import select
 
-__all__ = ["SEED", "run"]
+__all__ = ["SEED", "check_arguments", "run"]
 
 #: Scenes of this seed are unseen: training used seeds 0 (train) and 1 (validation).
 SEED = 2
+
+
+def check_arguments(out: str | Path, scenes: int, weights: Optional[str]) -> Path:
+    """Check the demo's arguments without building anything; returns the output folder.
+
+    matplotlib must be installed, ``out`` must be a writable or creatable folder, ``scenes``
+    at least 2 (the separation protocol pairs each scene with another) and ``weights`` (when
+    given) an existing file. Each failure is an :class:`LMDError` naming the argument and the fix.
+    """
+    viz.require_matplotlib()  # before minutes of work, not after
+    folder = check_out_folder(out)
+    if isinstance(scenes, bool) or not isinstance(scenes, int) or scenes < 2:
+        raise LMDError(f"--scenes must be an integer of 2 or more (the separation protocol pairs each scene with "
+                       f"another), got {scenes!r}.")
+    if weights is not None and not os.path.isfile(weights):
+        raise LMDError(f"--weights {weights!r} not found; pass a file written by python -m lmdfx.bev.train_world "
+                       "--out PATH (or leave --weights out: the shipped weights).")
+    return folder
 
 
 def _figures(out: Path, world: SensorWorld, shown: dict[int, Any], dec: Any) -> list[Path]:
@@ -76,11 +96,9 @@ def run(out: str | Path, scenes: int = 12, weights: Optional[str] = None, progre
     """Write the demo's figures, ``report.md`` and ``report.json`` to ``out``; print the tables.
 
     ``weights``: a file from ``python -m lmdfx.bev.train_world --out PATH`` (default: the shipped one).
+    The arguments are checked (:func:`check_arguments`) before the model is built.
     """
-    viz.require_matplotlib()  # before minutes of work, not after
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise LMDError(f"--out {str(out)!r} exists and is not a folder; pick another path.")
+    out = check_arguments(out, scenes, weights)
     timings: dict[str, float] = {}
     t0 = time.time()
     model, modalities, _ = build_model("simplebev-world", weights)
@@ -113,12 +131,12 @@ def run(out: str | Path, scenes: int = 12, weights: Optional[str] = None, progre
     timings["total"] = time.time() - t0
 
     meta = getattr(model, "world_meta", {})
-    (out / "report.md").write_text(_report(meta, len(world), shift, repeats, result, lmd, shap, figures, timings))
+    write_text(out / "report.md", _report(meta, len(world), shift, repeats, result, lmd, shap, figures, timings))
     record = {"scenes": len(world), "seed": SEED, "shift": shift, "repeats": repeats, **result.to_dict(),
               "attribution": {"lmd": lmd.to_dict(), "shapley_zero_baseline": shap.to_dict()},
               "model": {"name": "simplebev-world", "weights": weights, **meta}, "figures": [p.name for p in figures],
               "seconds": {k: round(v, 2) for k, v in timings.items()}}
-    (out / "report.json").write_text(json.dumps(record, indent=2))
+    write_text(out / "report.json", json.dumps(record, indent=2))
     for table in (result.separation.table(), result.iou.table(), lmd.table("LMD components")):
         print(table)
         print()

@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from lmdfx.bev.evaluation import HEAD
+from lmdfx.bev.files import atomic_open
 from lmdfx.errors import LMDError
 from lmdfx.metrics import select
 
@@ -51,7 +52,8 @@ def _save(fig: Any, path: str | os.PathLike) -> Path:
     if path.suffix.lower() != ".png":
         raise LMDError(f"figures are written as PNG; give a path ending in .png, got {str(path)!r}.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
+    with atomic_open(path, "wb") as handle:  # an interrupted run leaves no truncated PNG
+        fig.savefig(handle, format="png")
     return path
 
 
