@@ -43,18 +43,28 @@ def _error_line(capsys) -> str:
 
 @pytest.mark.skipif(not WORLD_WEIGHTS.is_file(), reason="shipped world weights missing")
 def test_demo_end_to_end(tmp_path):
+    # no timing assertion: speed is measured by the benchmarks, not by tests
     out = tmp_path / "demo"
-    start = time.time()
-    proc = _run("demo", "--out", str(out), "--no-progress")
-    seconds = time.time() - start
+    proc = _run("demo", "--out", str(out), "--no-progress", timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert seconds < 60, f"lmdfx demo took {seconds:.0f} s"
     for name in ("components_scene0.png", "components_scene1.png", "layer_energy.png", "gradcam_scene0.png"):
         assert (out / name).read_bytes()[:8] == PNG, name
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
     report = (out / "report.md").read_text()
-    for needle in ("Cp/R", "Rp/C", "vehicle IoU", "LMD components", "Shapley", "components_scene0.png"):
-        assert needle in report
+    for needle in ("Cp/R", "Rp/C", "vehicle IoU", "LMD components", "Shapley", "components_scene0.png",
+                   "squared logits", "A component alone is not a model", "alone has"):
+        assert needle in report, needle
+    assert not re.search(r"(?<![\d.])-?0\.0+(?![\d.e])", report), "a value printed as 0.00"
+    for link in re.findall(r"\]\(([^)]+\.png)\)", report):  # every linked figure exists
+        assert (out / link).is_file(), link
     record = json.loads((out / "report.json").read_text())
+    rows = record["attribution"]["disagreements"]
+    if record["attribution"]["lmd"]["hits"] < record["attribution"]["lmd"]["total"]:
+        assert rows and "### The vehicles where they disagree" in report
+    for row in rows:  # each vehicle LMD or Shapley gets wrong: in the table, with its scene's figure
+        assert f"| {row['scene']} | {row['vehicle']} |" in report
+        assert (out / f"components_scene{row['scene']}.png").is_file()
+        assert f"Scene {row['scene']}, vehicle {row['vehicle']} ({row['sensor']} only)" in report
     pcc, mse = record["separation"]["pcc"], record["separation"]["mse"]
     assert pcc[0][1] > 1 - 1e-6 and pcc[1][0] > 1 - 1e-6  # frozen operating point: exact separation
     assert mse[0][1] < 1e-8 and mse[1][0] < 1e-8

@@ -106,6 +106,7 @@ def _sensor_style(sensor: str, order: list[str]) -> tuple[str, str]:
 def _mark_single_sensor(ax: Any, vehicles: Sequence[tuple[str, Any]]) -> None:
     """A marker just forward of every vehicle seen by one sensor, styled by the sensor."""
     order = sorted({sensor for sensor, _ in vehicles})
+    limits = ax.get_xlim(), ax.get_ylim()
     for sensor, footprint in vehicles:
         rows, cols = torch.as_tensor(footprint).nonzero(as_tuple=True)
         if len(rows):
@@ -113,6 +114,9 @@ def _mark_single_sensor(ax: Any, vehicles: Sequence[tuple[str, Any]]) -> None:
             # beside the footprint, not on it: the cells under the vehicle stay readable
             ax.scatter([float(cols.float().mean())], [float(rows.max()) + 1.6], marker=marker, s=50,
                        facecolors=colour, edgecolors="k", linewidths=0.9, zorder=3, clip_on=False)
+    # a marker beyond the map's edge (a vehicle in the last row) is drawn there, but must not widen the axes
+    ax.set_xlim(*limits[0])
+    ax.set_ylim(*limits[1])
 
 
 def _legend_handles(gt: bool, vehicles: Sequence[tuple[str, Any]]) -> list:
