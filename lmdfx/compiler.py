@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
@@ -105,6 +106,8 @@ def compile(
         gm = _assign(capture, modalities, rules)
     recorded = resolve_record(gm, record)
     report = Report(gm, list(modalities), frontend=capture.frontend)
+    if report.separation_warning():
+        warnings.warn(report.separation_warning(), stacklevel=2)
     decomposed, layout = rewrite(gm, list(modalities), recorded)
     optimize_graph(decomposed, structural=optimize)
     if not exact_output:

@@ -144,6 +144,12 @@ DISCRETE_OPS = {
     "bucketize", "searchsorted",
 }
 
+# Ops that move values without computing new ones (the gate rule looks through them).
+RESHAPES = {"view", "reshape", "unsqueeze", "squeeze", "expand", "expand_as", "flatten", "unflatten", "permute",
+            "transpose", "contiguous", "clone", "to"}
+# Functions whose output gates another value (x · σ(g)): the product rule ``gate`` freezes them.
+GATES = {"sigmoid", "hardsigmoid", "softmax", "tanh"}
+
 # Casts: a cast of a mask to a floating dtype is a number, not a mask.
 CASTS = {"float", "double", "half", "bfloat16", "to", "type", "type_as"}
 

@@ -21,6 +21,7 @@ class Row:
     provenance: tuple[str, ...]
     rule: str
     source: str = ""
+    separates: bool = True  # at a frozen operating point, a component depends on its own modality only
     residual: float | None = None  # max |Σ components − value| in the last reference call
     scale: float | None = None  # max |value| at the same node (finite elements)
     spread: float | None = None  # Σ_k max|component k| (an upper bound of max Σ|components|)
@@ -67,6 +68,7 @@ class Report:
                 rule=rule.name if rule is not None else {"pure": "whole (one modality)", "frozen": "operating point"}.get(
                     node.meta["lmd_kind"], "-"),
                 source=node.meta.get("lmd_source", ""),
+                separates=rule.separates if rule is not None else True,
             ))
         self.graph = to_networkx(gm)
         self.fusion_nodes = fusion_frontier(self.graph)
@@ -174,6 +176,23 @@ class Report:
         ratios = [r.relative_residual for r in self.rows if r.relative_residual is not None]
         return max(ratios) if ratios else None
 
+    @property
+    def non_separating(self) -> list[Row]:
+        """Mixed nodes whose rule lets a component move with another modality's input at a frozen
+        operating point (a Shapley product of two decomposed values, secant attention with
+        Shapley products)."""
+        return [row for row in self.rows if not row.separates]
+
+    def separation_warning(self) -> str | None:
+        rows = self.non_separating
+        if not rows:
+            return None
+        listed = "; ".join(f"{r.where()}" for r in rows[:3]) + ("; ..." if len(rows) > 3 else "")
+        return (f"{len(rows)} node(s) will not separate at a frozen operating point under these rules: {listed}. "
+                "Their rule splits a product of two decomposed values between the modalities, so one modality's "
+                "component moves with another's input. Rules(product='gate') freezes gating operands, "
+                "Rules(product='freeze') freezes one operand of every product.")
+
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for row in self.rows:
@@ -194,6 +213,9 @@ class Report:
         counts = ", ".join(f"{v} {k}" for k, v in sorted(self.counts().items()))
         summary = [f"frontend: {self.frontend}", f"nodes: {counts}",
                    f"fusion nodes (first to mix modalities): {', '.join(self.fusion_nodes) or 'none'}"]
+        if self.non_separating:
+            summary.append("separation not guaranteed at (rule splits a product): "
+                           + ", ".join(r.node for r in self.non_separating))
         if self.max_relative_residual is not None:
             summary.append(f"largest residual relative to the node's value in the last call: "
                            f"{self.max_relative_residual:.2e} (residual = max|Σ components − value| / max|value|; "

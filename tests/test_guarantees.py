@@ -271,3 +271,43 @@ def test_source_lines_survive_a_checkout_named_lmdfx():
     trace = ('File "/home/me/lmdfx/tests/model.py", line 7, in forward\n    return self.conv(x)\n'
              f'File "{sys.modules["lmdfx.passes.trace"].__file__}", line 1, in trace\n    x\n')
     assert user_source(trace) == "/home/me/lmdfx/tests/model.py:7: return self.conv(x)"
+
+
+class SqueezeExcite(nn.Module):
+    """timm / torchvision style gating: x · hardsigmoid(fc(mean(x))), the gate on either side."""
+
+    def __init__(self, gate_first: bool):
+        super().__init__()
+        self.gate_first = gate_first
+        self.fc = nn.Conv2d(4, 4, 1)
+
+    def forward(self, cam, radar):
+        x = torch.cat([cam, radar], 1)
+        gate = F.hardsigmoid(self.fc(x.mean((2, 3), keepdim=True)))
+        return gate * x if self.gate_first else x * gate
+
+
+@pytest.mark.parametrize("gate_first", [True, False])
+def test_the_default_product_freezes_the_gate_on_either_side(gate_first):
+    torch.manual_seed(0)
+    model = SqueezeExcite(gate_first).double().eval()
+    cam, radar = inputs()
+    dec = lmdfx.compile(model, MODALITIES)
+    assert [r.rule for r in dec.report().rows if r.op == "mul"] == ["gate"] and not dec.report().non_separating
+    res = dec(cam, radar)
+    torch.testing.assert_close(res.components.sum(0), model(cam, radar))
+    moved = dec(cam, inputs(seed=1)[1], operating_point=res.operating_point)
+    torch.testing.assert_close(moved["camera"], res["camera"], rtol=0, atol=0)
+    # the gate is frozen, so each modality keeps its own features: components are not degenerate
+    assert res["camera"].abs().max() > 0.01 * res["bias"].abs().max()
+
+
+def test_rules_that_do_not_separate_are_named_at_compile_time():
+    class Bilinear(nn.Module):
+        def forward(self, cam, radar):
+            return (cam * radar).sum((2, 3))
+
+    with pytest.warns(UserWarning, match="will not separate"):
+        dec = lmdfx.compile(Bilinear().eval(), MODALITIES, rules=lmdfx.Rules(product="shapley"))
+    assert [r.node for r in dec.report().non_separating] == ["mul"]
+    assert "separation not guaranteed at" in str(dec.report())

@@ -14,7 +14,7 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from ..errors import LMDError, UnsupportedOpError
-from ..ops import is_random
+from ..ops import RESHAPES, is_random
 from ..rules import OpCall, Rules, resolve
 from ..rules.base import NodeRef
 from ..rules.registry import check_override_keys, matched_overrides, why_unsupported
@@ -26,7 +26,7 @@ def op_call(gm: fx.GraphModule, node: fx.Node) -> OpCall:
         if isinstance(value, fx.Node):
             decomposed = value.meta["lmd_kind"] == "mixed" or (
                 value.meta["lmd_kind"] == "pure" and not value.meta.get("lmd_discrete"))
-            return NodeRef(value.name, decomposed)
+            return NodeRef(value.name, decomposed, producer(value))
         return value
 
     args = fx.node.map_aggregate(node.args, ref)
@@ -46,6 +46,16 @@ def op_call(gm: fx.GraphModule, node: fx.Node) -> OpCall:
         source=node.meta.get("lmd_source", ""),
         extra={"module_type": node.meta.get("lmd_module_type")},
     )
+
+
+def producer(node: fx.Node, hops: int = 4) -> str:
+    """The op that computed ``node``'s values, looking through reshapes and broadcasts (a
+    squeeze-excite gate is often ``sigmoid(s).view(B, C, 1, 1)``)."""
+    op = node.meta.get("lmd_op", node.op)
+    while op in RESHAPES and hops and node.args and isinstance(node.args[0], fx.Node):
+        node, hops = node.args[0], hops - 1
+        op = node.meta.get("lmd_op", node.op)
+    return op
 
 
 def _where(node: fx.Node) -> str:

@@ -70,7 +70,7 @@ def _bilinear(op: Callable, x: torch.Tensor, y: torch.Tensor, mode: str, tape: _
     """op(x, y) for two stacks, bilinear in them, as the ``product`` rules do it: ``shapley``
     splits cross terms half-half; ``freeze`` takes one operand at the operating point — the
     one wholly in the bias component (e.g. learned queries in Q·Kᵀ), else the second."""
-    if mode == "freeze":
+    if mode in ("freeze", "gate"):  # as the product rules: the bias-only operand, else the second
         first = tape(f"{key}.first", lambda: not bool(x[:BIAS].any()) and bool(y[:BIAS].any()))
         if first:
             return torch.vmap(op, in_dims=(None, 0))(tape(key, lambda: x.sum(0)), y)
@@ -206,7 +206,7 @@ class SDPASecantRule(_SDPARule):
 
     @property
     def separates(self) -> bool:
-        return self.options.product == "freeze"
+        return self.options.product in ("freeze", "gate")
 
     def _run(self, tape: _Tape, p: dict, k: int) -> torch.Tensor:
         q, key, v = self._stacks(p, k)
@@ -410,7 +410,7 @@ class MHASecantRule(_MHARule):
 
     @property
     def separates(self) -> bool:
-        return self.options.product == "freeze"
+        return self.options.product in ("freeze", "gate")
 
     def _run(self, tape, p, k, reference):
         module = self.call.module

@@ -24,6 +24,7 @@ class NodeRef:
 
     name: str
     decomposed: bool
+    producer: str = ""  # canonical op that computed the value (through reshapes), for the gate rule
 
 
 @dataclass

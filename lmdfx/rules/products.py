@@ -1,5 +1,11 @@
 """Products of two decomposed values (gating, attention, bilinear forms).
 
+``gate`` (default): the operand computed by a gating function (sigmoid, hardsigmoid, softmax,
+tanh; through reshapes), on whichever side it stands, is an operating-point constant, so the
+product is linear in the other operand and separates; with no gate, the operand that is wholly
+in the bias component at the operating point is frozen; with neither, the Shapley split below
+(which does not separate: ``dec.report()`` lists such nodes).
+
 ``shapley``: x·y = Σ_k Σ_l x_k y_l; a term with k = l goes to k, a term with the bias goes to
 the other partner, a cross term of two modalities is split half-half — the exact Shapley split
 of the bilinear game with the bias as baseline. ``freeze``: one operand is an operating-point
@@ -13,10 +19,21 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
-from .base import BIAS, OpCall, Rule
+from ..ops import GATES
+from .base import BIAS, NodeRef, OpCall, Rule
 from .linear import MULTIPLICATIVE, MULTIPLICATIVE_SLOTS
 from .registry import register
+
+
+def _shapley(op: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Modality k receives op(x_k, Y/2 + y_b) + op(X/2 + x_b, y_k), with X, Y the modality sums;
+    the bias op(x_b, y_b)."""
+    x_half = 0.5 * x[:BIAS].sum(0) + x[BIAS]
+    y_half = 0.5 * y[:BIAS].sum(0) + y[BIAS]
+    modal = torch.vmap(op, in_dims=(0, None))(x[:BIAS], y_half) + torch.vmap(op, in_dims=(None, 0))(x_half, y[:BIAS])
+    return torch.cat([modal, op(x[BIAS], y[BIAS]).unsqueeze(0)])
 
 
 class _BinaryProduct(Rule):
@@ -45,13 +62,7 @@ class ShapleyProductRule(_BinaryProduct):
 
     def forward(self, constants: Any, args: tuple, kwargs: dict) -> torch.Tensor:
         op, x, y = self._bilinear(args, kwargs)
-        # Modality k receives op(x_k, Y/2 + y_b) + op(X/2 + x_b, y_k), with X, Y the modality sums.
-        x_half = 0.5 * x[:BIAS].sum(0) + x[BIAS]
-        y_half = 0.5 * y[:BIAS].sum(0) + y[BIAS]
-        modal = torch.vmap(op, in_dims=(0, None))(x[:BIAS], y_half) + torch.vmap(op, in_dims=(None, 0))(
-            x_half, y[:BIAS]
-        )
-        return torch.cat([modal, op(x[BIAS], y[BIAS]).unsqueeze(0)])
+        return _shapley(op, x, y)
 
 
 @register("product", "freeze")
@@ -69,6 +80,48 @@ class FreezeProductRule(_BinaryProduct):
 
     def forward(self, constants: dict, args: tuple, kwargs: dict) -> torch.Tensor:
         op, x, y = self._bilinear(args, kwargs)
+        if constants["first"]:
+            return torch.vmap(op, in_dims=(None, 0))(constants["frozen"], y)
+        return torch.vmap(op, in_dims=(0, None))(x, constants["frozen"])
+
+
+def _gate_operand(call: OpCall) -> int | None:
+    """0 or 1: the operand (in decomposed order) computed by a gating function, if exactly one is."""
+    refs = [leaf for leaf in pytree.tree_leaves((call.args, call.kwargs)) if isinstance(leaf, NodeRef) and leaf.decomposed]
+    gates = [i for i, ref in enumerate(refs) if ref.producer in GATES]
+    return gates[0] if len(gates) == 1 else None
+
+
+@register("product", "gate")
+class GateProductRule(_BinaryProduct):
+    name = "gate"
+    has_operating_point = True
+
+    def __init__(self, call: OpCall, options: Any):
+        super().__init__(call, options)
+        self.gate = _gate_operand(call)
+
+    @property
+    def separates(self) -> bool:
+        return self.gate is not None
+
+    def operating_point(self, out, args, kwargs, stacked_args, stacked_kwargs):
+        _, first, second = self._bilinear(args, kwargs)
+        _, x, y = self._bilinear(stacked_args, stacked_kwargs)
+        if self.gate is not None:
+            frozen = self.gate
+        elif not bool(x[:BIAS].any()) and bool(y[:BIAS].any()):
+            frozen = 0
+        elif not bool(y[:BIAS].any()) and bool(x[:BIAS].any()):
+            frozen = 1
+        else:
+            return {"frozen": None}
+        return {"frozen": (first, second)[frozen], "first": frozen == 0}
+
+    def forward(self, constants: dict, args: tuple, kwargs: dict) -> torch.Tensor:
+        op, x, y = self._bilinear(args, kwargs)
+        if constants["frozen"] is None:
+            return _shapley(op, x, y)
         if constants["first"]:
             return torch.vmap(op, in_dims=(None, 0))(constants["frozen"], y)
         return torch.vmap(op, in_dims=(0, None))(x, constants["frozen"])

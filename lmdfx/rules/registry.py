@@ -86,7 +86,7 @@ class Rules:
     bias_split: str = "none"
     batchnorm: str = "identity"
     norm: str = "ratio"
-    product: str = "shapley"
+    product: str = "gate"
     softmax: str = "freeze"
     fallback: str = "error"
     eps: float = 1e-6
