@@ -108,6 +108,16 @@ def _assign(root: nn.Module, target: str, value: torch.Tensor) -> None:
     setattr(owner, name, value)
 
 
+def _compiled(module: nn.Module, backend: Any) -> Callable:
+    """``torch.compile`` of each generated graph module on its own: their forward code is unique
+    to the decomposer, so a second decomposer is compiled for its own (static) shapes instead of
+    counting as a recompile of a forward shared by all (``TrunkDispatch.forward``)."""
+    graphs = getattr(module, "graphs", None)
+    if graphs is None:
+        return torch.compile(module, backend=backend, dynamic=False)
+    return type(module)(*(torch.compile(graph, backend=backend, dynamic=False) for graph in graphs))
+
+
 def _signature_of(values: Mapping[str, Any]) -> dict[str, tuple]:
     return {name: (tuple(v.shape), v.dtype, v.device) for name, v in values.items() if isinstance(v, torch.Tensor)}
 
@@ -139,7 +149,7 @@ class Decomposer:
                          for node in graph.graph.nodes
                          if node.op == "get_attr" and not str(node.target).startswith(RULES_ATTR)
                          and isinstance(_resolve(model, node.target), torch.Tensor)]
-        self._run: Callable = torch.compile(module, backend=backend) if backend is not None else module
+        self._run: Callable = _compiled(module, backend) if backend is not None else module
 
     # -- the model as it is now ---------------------------------------------------------------
     def _follow_model(self) -> None:

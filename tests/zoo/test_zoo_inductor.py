@@ -31,11 +31,6 @@ class Tiny(nn.Module):
         return torch.relu(self.conv(torch.cat([camera, lidar], 1)))
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="torch.compile wraps a forward whose code is shared by every decomposer (TrunkDispatch.forward), so a "
-           "second decomposer is a dynamo recompile: automatic dynamic shapes (inductor then fails on timm resnet18: "
-           "'cannot determine truth value of Relational'), and after the recompile limit dynamo falls back to eager")
 def test_a_second_decomposer_is_compiled_for_static_shapes():
     dynamic = []
 

@@ -61,7 +61,8 @@ def case_for(name: str):
         try:
             importlib.import_module(module)
         except ImportError as exc:  # e.g. timm beside a torchvision that does not match torch
-            pytest.skip(f"{module} cannot be imported: {exc}")
+            pytest.skip(f"{module} cannot be imported ({exc}); the timm and torchvision models need the "
+                        "matched pair torch==2.14.1 torchvision==0.29.1 (README, Model zoo)")
     return CASES[name]()
 
 
