@@ -11,6 +11,8 @@ import networkx as nx
 import torch
 from torch import fx
 
+from .rules.linear import MULTIPLICATIVE
+
 
 @dataclass
 class Row:
@@ -144,10 +146,11 @@ class Report:
         if first is not None and first is not row:
             text = f"Components first grew past the value at {first.where()} (ratio {first.ratio:.3g}). "
         upstream = nx.ancestors(self.graph, row.node) | {row.node}
-        shapley = [r for r in self.rows if r.node in upstream and r.rule == "shapley"]
-        if shapley:
-            text += (f"Products of two decomposed values upstream use the 'shapley' rule (e.g. {shapley[0].where()}), "
-                     "which multiplies large opposite-signed components; Rules(product='freeze') keeps them bounded. ")
+        split = [r for r in self.rows if r.node in upstream and r.op in MULTIPLICATIVE and r.rule in ("shapley", "gate")]
+        if split:
+            text += (f"Products of two decomposed values upstream (e.g. {split[0].where()}) may split cross terms "
+                     "(Shapley), which multiplies large opposite-signed components; Rules(product='freeze') keeps "
+                     "them bounded. ")
         return text + ("Inspect dec.report(); compile with check='warn' to get the result anyway, or report the "
                        "rule as a bug if no choice helps.")
 

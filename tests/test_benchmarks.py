@@ -19,7 +19,7 @@ def test_overhead_runs(tmp_path):
     result = overhead.main(["--config", "tiny", "--no-compiled", "--repeats", "1", "--json", str(path)])
     saved = json.loads(path.read_text())
     for key in ("forward_s", "decompose_s", "ratio", "ratio_compiled", "peak_mem_forward_mb",
-                "peak_mem_decompose_mb", "ratio_post_fusion", "ratio_fast"):
+                "peak_mem_decompose_mb", "ratio_post_fusion", "ratio_fast", "ratio_default"):
         assert key in saved
     assert result["ratio"] > 0 and result["forward_s"] > 0
 

@@ -1,4 +1,4 @@
-"""Frozen operating point: separation and linearity (DESIGN §1 'Operating point')."""
+"""Frozen operating point: separation and linearity (the operating point of one reference pass)."""
 
 from __future__ import annotations
 

@@ -96,7 +96,7 @@ def test_secant_guard_sends_the_output_to_bias_where_the_input_is_tiny():
 
 
 def _split_by_hand(components: list[float], bias: float, mode: str) -> list[float]:
-    """DESIGN §1 bias splitting for one element, written out directly."""
+    """Bias splitting (paper appendix C) for one element, written out directly."""
     signs = [torch.sign(torch.tensor(c)).item() for c in components]
     s_b = torch.sign(torch.tensor(bias)).item()
     m = len(components)

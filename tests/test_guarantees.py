@@ -1,4 +1,4 @@
-"""The guarantees of DESIGN §3 and the README's "Guarantees" section, one test per case:
+"""The guarantees in docs/guarantees.md and the README's "Guarantees" section, one test per case:
 no silent wrong result, the model as it is now, checked operating points, clear errors."""
 
 from __future__ import annotations

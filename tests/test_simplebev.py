@@ -27,7 +27,7 @@ def released_radar_sd() -> dict[str, torch.Tensor]:
     return SimpleBEV(SimpleBEVConfig.released_radar()).state_dict()
 
 
-# The official key/shape list of the released camera+radar checkpoint (DESIGN section 4),
+# The official key/shape list of the released camera+radar checkpoint,
 # written out by hand so the test does not derive it from the model under test.
 OFFICIAL_SHAPES = {
     "encoder.backbone.0.weight": (64, 3, 7, 7),

@@ -74,7 +74,7 @@ def choices(option: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Rules:
-    """Which rule each layer family uses (DESIGN §1). Defaults are the paper's.
+    """Which rule each layer family uses. Defaults are the paper's, except ``product="gate"``.
 
     ``overrides`` maps a module qualified name, a module type, or a canonical op name (e.g.
     ``"relu"``) to a variant name (``"tangent"``, ``"taylor"``, ...) or to a ``Rule`` subclass.
