@@ -183,8 +183,18 @@ class Report:
     def non_separating(self) -> list[Row]:
         """Mixed nodes whose rule lets a component move with another modality's input at a frozen
         operating point (a Shapley product of two decomposed values, secant attention with
-        Shapley products)."""
-        return [row for row in self.rows if not row.separates]
+        Shapley products), where that reaches the output."""
+        # A frozen softmax is an operating-point constant: what lies only upstream of it (the
+        # Q·Kᵀ product of attention) cannot move any component of the output.
+        cut = self.graph.subgraph([n for n in self.graph if not (self.graph.nodes[n]["op"] in ("softmax", "log_softmax")
+                                                                   and self._rule_of(n) == "freeze")])
+        outputs = [n for n in self.graph if self.graph.nodes[n]["op"] == "output"]
+        reaching = set(outputs).union(*(nx.ancestors(cut, o) for o in outputs if o in cut))
+        return [row for row in self.rows if not row.separates and row.node in reaching]
+
+    def _rule_of(self, node: str) -> str:
+        row = self._by_node.get(node)
+        return row.rule if row is not None else ""
 
     def separation_warning(self) -> str | None:
         rows = self.non_separating
