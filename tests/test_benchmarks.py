@@ -75,3 +75,18 @@ def test_scaling_runs_and_plots(tmp_path):
     result = scaling.main(["--quick", "--repeats", "1", "--plot", str(png), "--json", str(path)])
     assert png.stat().st_size > 0
     assert [r["modalities"] for r in result["modalities"]] == [1, 2, 3]
+
+
+def test_gpu_script_runs_on_cpu_quick(tmp_path):
+    """benchmarks/gpu.sh is the one GPU command; on CPU --quick it runs its pieces on the tiny sizes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PATH": f"{Path(sys.executable).parent}:"
+           + __import__("os").environ.get("PATH", "")}
+    subprocess.run(["bash", str(root / "benchmarks" / "gpu.sh"), "--device", "cpu", "--quick", str(tmp_path)],
+                   check=True, cwd=root, env=env, capture_output=True)
+    assert json.loads((tmp_path / "overhead_tiny.json").read_text())["ratio_default"] > 0
+    assert (tmp_path / "scaling.json").exists()
