@@ -106,8 +106,9 @@ def compile(
         gm = _assign(capture, modalities, rules)
     recorded = resolve_record(gm, record)
     report = Report(gm, list(modalities), frontend=capture.frontend)
-    if report.separation_warning():
-        warnings.warn(report.separation_warning(), stacklevel=2)
+    separation = report.separation_warning()  # walks the graph once
+    if separation:
+        warnings.warn(separation, stacklevel=2)
     decomposed, layout = rewrite(gm, list(modalities), recorded)
     optimize_graph(decomposed, structural=optimize)
     if not exact_output:
