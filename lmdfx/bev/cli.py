@@ -1,4 +1,4 @@
-"""The ``lmdfx`` command: ``demo``, ``inspect`` and ``evaluate``.
+"""The ``lmdfx`` command: ``demo``, ``study``, ``inspect`` and ``evaluate``.
 
 Models come from :data:`lmdfx.bev.registry.MODELS` or a ``module:factory``, datasets from
 :data:`lmdfx.bev.registry.DATASETS`. Bad arguments and failing models end with one line on
@@ -121,6 +121,32 @@ def _add_demo(sub: Any, common: argparse.ArgumentParser) -> None:
     demo.set_defaults(func=_cmd_demo)
 
 
+def _models(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _add_study(sub: Any, common: argparse.ArgumentParser) -> None:
+    from lmdfx.bev.study import DEFAULT_SCENES, GRIDS, QUICK_SCENES, STUDY_MODELS
+
+    study = sub.add_parser("study", parents=[common],
+                           help="rule ablation on the sensor world: separation, ground-truth attribution, IoU, cost",
+                           description="For every rule set of a grid and every sensor-world model: separation "
+                                       "(Table 4), ground-truth attribution score with bootstrap intervals, "
+                                       "per-component IoU, cost and exactness, beside Shapley, occlusion and "
+                                       "Captum baselines. Writes study.json, study.md and study.png (needs "
+                                       "matplotlib).")
+    study.add_argument("--out", default="lmdfx-study", help="output folder (default: ./lmdfx-study)")
+    study.add_argument("--scenes", type=_scenes, help=f"unseen scenes (default {DEFAULT_SCENES}; "
+                                                      f"{QUICK_SCENES} with --quick)")
+    study.add_argument("--quick", action="store_true", help=f"a smoke run on {QUICK_SCENES} scenes (wide intervals)")
+    study.add_argument("--models", type=_models, default=list(STUDY_MODELS),
+                       help=f"comma-separated sensor-world models (default {','.join(STUDY_MODELS)})")
+    study.add_argument("--grid", default="ofat", help=f"rule grid: {' or '.join(GRIDS)} (default ofat: one factor at "
+                                                      "a time around the defaults; full: all 36 combinations)")
+    study.add_argument("--no-progress", action="store_true", help="no progress bars")
+    study.set_defaults(func=_cmd_study)
+
+
 def _add_inspect(sub: Any, common: argparse.ArgumentParser) -> None:
     ins = sub.add_parser("inspect", parents=[common], help="print the compile report of a model",
                          description="Compile MODEL and print every node: layer, provenance, rule.")
@@ -169,6 +195,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     common = _common()
     _add_demo(sub, common)
+    _add_study(sub, common)
     _add_inspect(sub, common)
     _add_evaluate(sub, common)
     return parser
@@ -298,6 +325,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     # demo.run checks --out, --scenes and --weights (and matplotlib) before it builds the model
     demo.run(args.out, args.scenes, args.weights, progress=not args.no_progress)
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# study
+# ---------------------------------------------------------------------------
+def _cmd_study(args: argparse.Namespace) -> int:
+    from lmdfx.bev import study  # figures and the sensor world: only the study needs them
+
+    # study.run checks --out, --scenes, --models and --grid (and matplotlib) before it builds anything
+    study.run(args.out, args.scenes, args.quick, args.models, args.grid, progress=not args.no_progress)
     return 0
 
 

@@ -67,11 +67,26 @@ def _trained_world_model(path: Optional[str] = None) -> nn.Module:
     return load_world_model(path)
 
 
+def _world_variant(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from lmdfx.bev.weights import WORLD_VARIANTS, load_world_model
+
+        return load_world_model(WORLD_VARIANTS[name])
+
+    return build
+
+
 #: name -> entry. Every module has ``modality_args`` and ``example_inputs()``.
 MODELS: dict[str, ModelEntry] = {
     "simplebev-world": ModelEntry("SimpleBEV trained on the synthetic sensor world (shipped weights, or --weights "
                                   "from python -m lmdfx.bev.train_world; camera + radar)", _trained_world_model,
                                   _trained_world_model, HEAD),
+    "simplebev-world-nodropout": ModelEntry("the sensor-world SimpleBEV trained without sensor dropout (shipped "
+                                            "weights; for lmdfx study)", _world_variant("nodropout"),
+                                            _trained_world_model, HEAD),
+    "simplebev-world-radarheavy": ModelEntry("the sensor-world SimpleBEV trained with camera dropout only and more "
+                                             "radar-only vehicles (shipped weights; for lmdfx study)",
+                                             _world_variant("radarheavy"), _trained_world_model, HEAD),
     "simplebev-tiny": ModelEntry("SimpleBEVConfig.tiny(): 32x64 images, 32x4x32 grid, ResNet-18, camera + radar; "
                                  "random weights (seed 0)", _simplebev("tiny"), head=HEAD),
     "simplebev-tiny-lidar": ModelEntry("SimpleBEVConfig.tiny(('camera', 'radar', 'lidar')): three modalities; "

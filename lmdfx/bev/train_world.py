@@ -122,10 +122,13 @@ def _iou(model: nn.Module, cache: _CachedFeatures, data: dict, world: SensorWorl
 
 def train(out: str = str(WORLD_WEIGHTS), scenes: int = 480, val_scenes: int = 64, steps: int = 2000,
           batch: int = 8, lr: float = 2e-3, seed: int = 0, init_seed: int = 0, sensor_dropout: float = 0.4,
-          p_camera_only: float = 0.3, p_radar_only: float = 0.15, progress: bool = True, log=print) -> nn.Module:
+          p_camera_only: float = 0.3, p_radar_only: float = 0.15, camera_share: float = 0.5, progress: bool = True,
+          log=print) -> nn.Module:
     """Train the world model on ``scenes`` scenes of seed ``seed`` and save it to ``out``.
 
-    ``sensor_dropout``: chance per sample that one sensor (camera or radar, evenly) is blanked.
+    ``sensor_dropout``: chance per sample that one sensor is blanked; ``camera_share`` of those
+    drops blank the camera, the rest the radar (0.5: evenly; 1.0: camera dropout only, which
+    pushes the model to rely on the radar).
     ``p_camera_only``/``p_radar_only``: visibility mix of the training scenes (camera-only vehicles
     are the hardest, so they are over-represented). Validation IoU is measured on ``val_scenes``
     default-mix scenes of seed ``seed + 1``. Returns the model.
@@ -162,7 +165,8 @@ def train(out: str = str(WORLD_WEIGHTS), scenes: int = 480, val_scenes: int = 64
         # sensor dropout: a dropped sensor's vehicles that only it saw leave the loss, so each
         # sensor learns to find vehicles alone
         u = torch.rand(batch, generator=gen)
-        drop_camera, drop_radar = u < sensor_dropout / 2, u > 1 - sensor_dropout / 2
+        drop_camera = u < sensor_dropout * camera_share
+        drop_radar = u > 1 - sensor_dropout * (1 - camera_share)
         out_heads = _forward(model, cache, train_data, idx, train_world, drop_camera, drop_radar)
         gt, valid = train_data["vehicle_gt"][idx], train_data["valid_mask"][idx]
         keep = torch.where(drop_camera.reshape(-1, 1, 1, 1), train_data["radar_seen"][idx],
@@ -184,7 +188,8 @@ def train(out: str = str(WORLD_WEIGHTS), scenes: int = 480, val_scenes: int = 64
         p.requires_grad_(True)
     seconds = time.time() - start
     meta = {"steps": steps, "batch": batch, "lr": lr, "train_scenes": scenes, "train_seed": seed,
-            "sensor_dropout": sensor_dropout, "p_camera_only": p_camera_only, "p_radar_only": p_radar_only,
+            "sensor_dropout": sensor_dropout, "camera_share": camera_share, "p_camera_only": p_camera_only,
+            "p_radar_only": p_radar_only,
             "val_scenes": val_scenes, "val_seed": seed + 1, "final_loss": running, "train_iou": train_iou,
             "val_iou": val_iou, "seconds": round(seconds, 1), "torch": str(torch.__version__)}
     save_world_weights(model, out, init_seed, meta)
@@ -202,13 +207,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--val-scenes", type=int, default=64, help="validation scenes (seed --seed + 1)")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--sensor-dropout", type=float, default=0.4, help="chance a sample loses one sensor")
+    parser.add_argument("--camera-share", type=float, default=0.5,
+                        help="share of the dropped sensors that are the camera (default 0.5; 1: camera dropout only)")
+    parser.add_argument("--p-camera-only", type=float, default=0.3,
+                        help="chance a training vehicle is visible to the camera only")
+    parser.add_argument("--p-radar-only", type=float, default=0.15,
+                        help="chance a training vehicle is visible to the radar only")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     train(args.out, args.scenes, args.val_scenes, args.steps, args.batch, args.lr, args.seed,
-          sensor_dropout=args.sensor_dropout, progress=not args.no_progress and sys.stderr.isatty())
+          sensor_dropout=args.sensor_dropout, p_camera_only=args.p_camera_only, p_radar_only=args.p_radar_only,
+          camera_share=args.camera_share, progress=not args.no_progress and sys.stderr.isatty())
     return 0
 
 

@@ -21,11 +21,15 @@ import torch
 
 from lmdfx.errors import LMDError
 
-__all__ = ["WORLD_WEIGHTS", "FORMAT", "is_trained", "deterministic_init", "save_world_weights",
+__all__ = ["WORLD_WEIGHTS", "WORLD_VARIANTS", "FORMAT", "is_trained", "deterministic_init", "save_world_weights",
            "load_world_model"]
 
 #: The shipped weights of the sensor-world SimpleBEV.
 WORLD_WEIGHTS = Path(__file__).with_name("simplebev_world.pt")
+#: World models trained with another sensor balance (for ``lmdfx study``): name -> shipped file.
+#: ``nodropout``: no sensor dropout; ``radarheavy``: camera dropout only and more radar-only vehicles.
+WORLD_VARIANTS = {"nodropout": Path(__file__).with_name("simplebev_world_nodropout.pt"),
+                  "radarheavy": Path(__file__).with_name("simplebev_world_radarheavy.pt")}
 #: Format tag stored in the weights file.
 FORMAT = "lmdfx-world-weights/1"
 
@@ -109,7 +113,7 @@ def save_world_weights(model: torch.nn.Module, path: str | os.PathLike, init_see
 
 def _remedy(path: Path) -> str:
     """What to do about a damaged weights file."""
-    if path.resolve() == WORLD_WEIGHTS.resolve():
+    if path.resolve() in {f.resolve() for f in (WORLD_WEIGHTS, *WORLD_VARIANTS.values())}:
         return "the shipped file is damaged: reinstall lmdfx"
     return f"write it again with `python -m lmdfx.bev.train_world --out {path}`"
 
