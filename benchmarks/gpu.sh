@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # GPU benchmarks in one command: SimpleBEV decomposition overhead (cpu and paper configs, batch 1
-# and 8, eager and inductor) and the modality / batch / resolution scaling, as JSON in OUTDIR.
+# and 8, eager and inductor), the modality / batch / resolution scaling, and the model zoo (base
+# sizes; float32 eager and inductor, bfloat16 autocast eager), as JSON in OUTDIR.
 #   benchmarks/gpu.sh [--device cuda|cpu] [--quick] [OUTDIR]     (default: cuda, benchmarks/results/gpu)
-# --quick runs the tiny config once (a smoke test, e.g. on a CPU). float32 only for now.
+# --quick runs the tiny configs once (a smoke test, e.g. on a CPU). The zoo's timm models need a
+# torchvision matched to torch; without one they are listed as skipped.
 set -euo pipefail
 device=cuda quick=0 out=benchmarks/results/gpu
 while [ $# -gt 0 ]; do
@@ -17,6 +19,8 @@ cd "$(dirname "$0")/.."
 if [ "$quick" = 1 ]; then
   python -m benchmarks.overhead --config tiny --device "$device" --repeats 1 --no-compiled --json "$out/overhead_tiny.json"
   python -m benchmarks.scaling --quick --device "$device" --repeats 1 --json "$out/scaling.json"
+  python -m benchmarks.zoo --size tiny --models transformers-visualbert --device "$device" --repeats 1 \
+    --json "$out/zoo_tiny.json"
   exit 0
 fi
 for config in cpu paper; do
@@ -26,3 +30,5 @@ for config in cpu paper; do
   done
 done
 python -m benchmarks.scaling --device "$device" --repeats 5 --json "$out/scaling.json"
+python -m benchmarks.zoo --size base --device "$device" --repeats 5 --inductor --json "$out/zoo_base.json"
+python -m benchmarks.zoo --size base --device "$device" --repeats 5 --autocast bf16 --json "$out/zoo_base_bf16.json"

@@ -77,6 +77,26 @@ def test_scaling_runs_and_plots(tmp_path):
     assert [r["modalities"] for r in result["modalities"]] == [1, 2, 3]
 
 
+def test_zoo_runs_on_two_transformers_models(tmp_path):
+    """benchmarks.zoo at the tiny sizes: a row per model with the documented fields, components that
+    sum to model(...), and a model whose library is missing is listed as skipped, not failed."""
+    pytest.importorskip("transformers")
+    from benchmarks import zoo
+
+    path = tmp_path / "zoo.json"
+    zoo.main(["--size", "tiny", "--repeats", "1", "--json", str(path),
+              "--models", "transformers-visualbert", "transformers-clip", "timm-resnet18"])
+    saved = json.loads(path.read_text())
+    assert saved["failed"] == [] and "machine" in saved
+    rows = {row["model"]: row for row in saved["models"]}
+    for name in ("transformers-visualbert", "transformers-clip"):
+        row = rows[name]
+        assert row["frontend"] == "export" and row["residual"] <= 1e-4
+        assert min(row[key] for key in ("params", "forward_s", "decompose_s", "ratio", "ratio_cpu_time", "mem_ratio")) > 0
+    assert rows["transformers-visualbert"]["target"] == 5.0
+    assert len(rows) + len(saved["skipped"]) == 3
+
+
 def test_gpu_script_runs_on_cpu_quick(tmp_path):
     """benchmarks/gpu.sh is the one GPU command; on CPU --quick it runs its pieces on the tiny sizes."""
     import subprocess
@@ -90,3 +110,4 @@ def test_gpu_script_runs_on_cpu_quick(tmp_path):
                    check=True, cwd=root, env=env, capture_output=True)
     assert json.loads((tmp_path / "overhead_tiny.json").read_text())["ratio_default"] > 0
     assert (tmp_path / "scaling.json").exists()
+    assert json.loads((tmp_path / "zoo_tiny.json").read_text())["failed"] == []

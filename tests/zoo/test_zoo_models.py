@@ -14,13 +14,11 @@ in the report of issue 12): it turns into a failure, to be unmarked, once the co
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 from zoo_checks import check_exact, check_separation
-from zoo_models import CASES
 
 import lmdfx
+from benchmarks.zoo_models import CASES, missing
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,8 +45,6 @@ JOINT = {
     "transformers-bridgetower": "model.cross_modal_",
 }
 
-NEEDS = {"timm": ("timm", "torchvision"), "torchvision": ("torchvision",), "transformers": ("transformers",)}
-
 
 def params():
     for name in CASES:
@@ -57,12 +53,10 @@ def params():
 
 
 def case_for(name: str):
-    for module in NEEDS[name.split("-")[0]]:
-        try:
-            importlib.import_module(module)
-        except ImportError as exc:  # e.g. timm beside a torchvision that does not match torch
-            pytest.skip(f"{module} cannot be imported ({exc}); the timm and torchvision models need the "
-                        "matched pair torch==2.14.1 torchvision==0.29.1 (README, Model zoo)")
+    why = missing(name)
+    if why is not None:
+        pytest.skip(f"{why}; the timm and torchvision models need the matched pair torch==2.14.1 "
+                    "torchvision==0.29.1 (README, Model zoo)")
     return CASES[name]()
 
 

@@ -1,51 +1,15 @@
 """Checks shared by the model-zoo tests: compile, exactness in float64, separation at a frozen
-operating point, and a timing helper for the zoo table."""
+operating point, inductor against eager. The models are in benchmarks/zoo_models.py (shared
+with the zoo benchmark, benchmarks/zoo.py)."""
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
-
 import torch
-from torch import nn
-from torch.utils import _pytree as pytree
 
 import lmdfx
+from benchmarks.zoo_models import Case, leaves, scale_of
 
 EXACT = 1e-9  # float64: components sum to the model's output within EXACT · max|output|
-
-
-def leaves(value: Any) -> list[torch.Tensor]:
-    return [leaf for leaf in pytree.tree_leaves(value) if isinstance(leaf, torch.Tensor)]
-
-
-def scale_of(tensors: list[torch.Tensor]) -> float:
-    return max([float(t.detach().abs().max()) for t in tensors if t.numel()] + [1e-300])
-
-
-@dataclass
-class Case:
-    """One zoo model: ``build(dtype)`` returns the eval-mode model, ``inputs(seed, dtype)`` its
-    keyword inputs (the forward's parameters)."""
-
-    build: Callable[[torch.dtype], nn.Module]
-    inputs: Callable[[int, torch.dtype], dict[str, Any]]
-    modalities: Mapping[str, str]
-    frontend: str = "auto"  # what compile is asked for
-    expect_frontend: str = "fx"  # what dec.report().frontend must say
-    export_inputs: bool = False  # pass example_inputs= (the forward's keyword inputs)
-    compile_kwargs: dict | None = None
-    moving: tuple[str, ...] | None = None  # modalities whose component moves with their input (default all)
-
-    def compile(self, model: nn.Module, inputs: dict[str, Any], **kwargs: Any) -> lmdfx.Decomposer:
-        extra = dict(self.compile_kwargs or {})
-        if self.export_inputs:
-            extra["example_inputs"] = dict(inputs)
-        extra.update(kwargs)
-        return lmdfx.compile(model, self.modalities, frontend=self.frontend, **extra)
 
 
 def check_exact(case: Case) -> lmdfx.Decomposer:
@@ -100,36 +64,3 @@ def check_inductor(case: Case) -> None:
     compiled = case.compile(model, inputs, backend="inductor")(**inputs)
     for a, b in zip(leaves(compiled.components), leaves(eager.components)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * scale_of([b]))
-
-
-def timing(case: Case, repeats: int = 5) -> dict[str, Any]:
-    """float32, batch as given, current thread count: forward (no_grad) and decomposition
-    time (median of ``repeats`` after one warm-up), their ratio, and relative residuals
-    (max |difference| / max |reference|) of the components' sum."""
-    model = case.build(torch.float32)
-    inputs = case.inputs(0, torch.float32)
-    dec = case.compile(model, inputs)
-
-    def median(fn: Callable[[], Any]) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
-
-    with torch.no_grad():
-        forward = median(lambda: model(**inputs))
-        decomp = median(lambda: dec(**inputs))
-        res = dec(**inputs)
-        expected = model(**inputs)
-    def worst(stacks: list[torch.Tensor], values: list[torch.Tensor]) -> float:
-        return max(float((a - b).abs().max()) / scale_of([b]) for a, b in zip(stacks, values))
-
-    sums = [stack.sum(0) for stack in leaves(res.components)]
-    return {"forward_ms": forward * 1e3, "decompose_ms": decomp * 1e3, "ratio": decomp / forward,
-            "sum_vs_model": worst(sums, leaves(expected)),  # Σ components vs model(...)
-            "sum_vs_output": worst(sums, leaves(res.output)),  # Σ components vs res.output
-            "output_vs_model": worst(leaves(res.output), leaves(expected)),  # the trunk's rounding
-            "frontend": dec.report().frontend}

@@ -1,16 +1,90 @@
-"""Model-zoo builders: random-init small models from timm, torchvision and transformers,
-wrapped so that ``forward`` takes one argument per modality (M = 2) and returns tensors.
-Nothing is downloaded: every model is built from a config with random weights."""
+"""Model-zoo builders: random-init models from timm, torchvision and transformers, wrapped so
+that ``forward`` takes one argument per modality (M = 2) and returns tensors, at the sizes of
+``SIZES`` (``tiny``: the tests in tests/zoo; ``base``: benchmarks/zoo.py). Nothing is
+downloaded: every model is built from a config with random weights."""
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from zoo_checks import Case
+from torch.utils import _pytree as pytree
 
-HW = 32  # image side for the vision models
+import lmdfx
+
+
+def leaves(value: Any) -> list[torch.Tensor]:
+    """The tensors of a (nested) output."""
+    return [leaf for leaf in pytree.tree_leaves(value) if isinstance(leaf, torch.Tensor)]
+
+
+def scale_of(tensors: list[torch.Tensor]) -> float:
+    """max |t| over the tensors (1e-300 when all are empty or zero)."""
+    return max([float(t.detach().abs().max()) for t in tensors if t.numel()] + [1e-300])
+
+
+@dataclass
+class Case:
+    """One zoo model: ``build(dtype)`` returns the eval-mode model, ``inputs(seed, dtype)`` its
+    keyword inputs (the forward's parameters)."""
+
+    build: Callable[[torch.dtype], nn.Module]
+    inputs: Callable[[int, torch.dtype], dict[str, Any]]
+    modalities: Mapping[str, str]
+    frontend: str = "auto"  # what compile is asked for
+    expect_frontend: str = "fx"  # what dec.report().frontend must say
+    export_inputs: bool = False  # pass example_inputs= (the forward's keyword inputs)
+    compile_kwargs: dict | None = None
+    moving: tuple[str, ...] | None = None  # modalities whose component moves with their input (default all)
+
+    def compile(self, model: nn.Module, inputs: dict[str, Any], **kwargs: Any) -> lmdfx.Decomposer:
+        """``lmdfx.compile`` with this case's modalities, frontend and example inputs."""
+        extra = dict(self.compile_kwargs or {})
+        if self.export_inputs:
+            extra["example_inputs"] = dict(inputs)
+        extra.update(kwargs)
+        return lmdfx.compile(model, self.modalities, frontend=self.frontend, **extra)
+
+
+@dataclass(frozen=True)
+class Size:
+    """``image``: side of the timm / torchvision inputs. transformers models: ``hidden`` size,
+    ``layers`` per encoder, attention ``heads``, MLP ``intermediate`` size, ``hf_image`` side
+    cut into ``patch``-pixel patches, ``text`` tokens, and ``regions`` visual features of
+    ``region_dim`` (VisualBERT, LXMERT)."""
+
+    image: int = 32
+    hidden: int = 32
+    layers: int = 2
+    heads: int = 2
+    intermediate: int = 37
+    hf_image: int = 32
+    patch: int = 8
+    text: int = 7
+    regions: int = 5
+    region_dim: int = 16
+
+    @property
+    def encoder(self) -> dict[str, int]:
+        return {"hidden_size": self.hidden, "num_hidden_layers": self.layers, "num_attention_heads": self.heads,
+                "intermediate_size": self.intermediate}
+
+    @property
+    def positions(self) -> int:
+        """max_position_embeddings of the text encoders."""
+        return max(16, self.text)
+
+
+SIZES = {
+    "tiny": Size(),
+    "base": Size(image=224, hidden=512, layers=4, heads=8, intermediate=2048, hf_image=224, patch=16, text=64,
+                 regions=100, region_dim=512),
+}
+TINY = SIZES["tiny"]
 
 
 def _finish(model: nn.Module, dtype: torch.dtype, calibrate: dict[str, Any] | None = None) -> nn.Module:
@@ -48,7 +122,7 @@ class EarlyFusion(nn.Module):
         return out[self.key] if self.key is not None else out
 
 
-def image_inputs(hw: int = HW, batch: int = 1):
+def image_inputs(hw: int, batch: int = 1):
     def inputs(seed: int, dtype: torch.dtype) -> dict[str, Any]:
         g = torch.Generator().manual_seed(seed)
         return {"camera": torch.randn(batch, 3, hw, hw, generator=g).to(dtype),
@@ -56,14 +130,14 @@ def image_inputs(hw: int = HW, batch: int = 1):
     return inputs
 
 
-def calibration(hw: int = HW) -> dict[str, Any]:
+def calibration(hw: int) -> dict[str, Any]:
     return image_inputs(hw, batch=8)(100, torch.float32)
 
 
 IMAGE_MODALITIES = {"camera": "camera", "lidar": "lidar"}
 
 
-def timm_case(name: str, hw: int = HW, fused_attn: bool | None = None, **kwargs: Any) -> Case:
+def timm_case(name: str, hw: int, fused_attn: bool | None = None, **kwargs: Any) -> Case:
     def build(dtype: torch.dtype) -> nn.Module:
         import timm
 
@@ -77,6 +151,10 @@ def timm_case(name: str, hw: int = HW, fused_attn: bool | None = None, **kwargs:
     return Case(build, image_inputs(hw), IMAGE_MODALITIES)
 
 
+def timm_vit_case(size: Size, fused_attn: bool) -> Case:
+    return timm_case("vit_tiny_patch16_224", size.image, img_size=size.image, fused_attn=fused_attn)
+
+
 # -- torchvision ----------------------------------------------------------------------------
 
 
@@ -86,22 +164,22 @@ def _five_channel(conv: nn.Conv2d) -> nn.Conv2d:
                      conv.groups, conv.bias is not None)
 
 
-def torchvision_vit_case(hw: int = HW) -> Case:
+def torchvision_vit_case(size: Size) -> Case:
     """torchvision's VisionTransformer (the vit_b_16 class: nn.MultiheadAttention encoder
-    blocks) at a tiny config: 32 px, patch 8, 2 layers, 2 heads, hidden 32."""
+    blocks) at the transformers sizes (tiny: 32 px, patch 8, 2 layers, 2 heads, hidden 32)."""
     def build(dtype: torch.dtype) -> nn.Module:
         from torchvision.models.vision_transformer import VisionTransformer
 
         torch.manual_seed(0)
-        net = VisionTransformer(image_size=hw, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32,
-                                mlp_dim=64, num_classes=4)
+        net = VisionTransformer(image_size=size.hf_image, patch_size=size.patch, num_layers=size.layers,
+                                num_heads=size.heads, hidden_dim=size.hidden, mlp_dim=2 * size.hidden, num_classes=4)
         net.conv_proj = _five_channel(net.conv_proj)
         nn.init.normal_(net.heads.head.weight, std=0.2)  # torchvision zero-initialises the head
         return _finish(EarlyFusion(net), dtype)
-    return Case(build, image_inputs(hw), IMAGE_MODALITIES)
+    return Case(build, image_inputs(size.hf_image), IMAGE_MODALITIES)
 
 
-def deeplab_case(hw: int = HW) -> Case:
+def deeplab_case(size: Size) -> Case:
     """deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=2) with a
     5-channel first convolution; output: the ``out`` segmentation logits."""
     def build(dtype: torch.dtype) -> nn.Module:
@@ -111,19 +189,18 @@ def deeplab_case(hw: int = HW) -> Case:
         net = deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=2, aux_loss=False)
         first = net.backbone["0"]
         first[0] = _five_channel(first[0])
-        return _finish(EarlyFusion(net, key="out"), dtype, calibration(hw))
-    return Case(build, image_inputs(hw), IMAGE_MODALITIES)
+        return _finish(EarlyFusion(net, key="out"), dtype, calibration(size.image))
+    return Case(build, image_inputs(size.image), IMAGE_MODALITIES)
 
 
 # -- transformers ---------------------------------------------------------------------------
-# Tiny configs: hidden 32, 2 layers, 2 heads, vocabulary 99, image 32, patch 8. A modality
-# given as token ids (``input_ids``) is an integer input: lmdfx treats it, and everything
-# computed from it alone (the embedding lookup), as that modality's pure value, so the text
-# component starts at the embedding output.
+# Configs from ``Size`` (tiny: hidden 32, 2 layers, 2 heads, image 32, patch 8, 7 tokens),
+# vocabulary 99. A modality given as token ids (``input_ids``) is an integer input: lmdfx treats
+# it, and everything computed from it alone (the embedding lookup), as that modality's pure
+# value, so the text component starts at the embedding output.
 
-VOCAB, TEXT_LEN = 99, 7
-ENCODER = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 37}
-TINY = {**ENCODER, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+VOCAB = 99
+NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 
 
 def _hf(model: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -145,15 +222,19 @@ def _hf(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return model.to(dtype).eval()
 
 
-def text_image_inputs(hw: int = HW, batch: int = 1, image_key: str = "pixel_values"):
+def text_image_inputs(size: Size, batch: int = 1, image_key: str = "pixel_values"):
     def inputs(seed: int, dtype: torch.dtype) -> dict[str, Any]:
         g = torch.Generator().manual_seed(seed)
-        return {"input_ids": torch.randint(1, VOCAB, (batch, TEXT_LEN), generator=g),
-                image_key: torch.randn(batch, 3, hw, hw, generator=g).to(dtype)}
+        return {"input_ids": torch.randint(1, VOCAB, (batch, size.text), generator=g),
+                image_key: torch.randn(batch, 3, size.hf_image, size.hf_image, generator=g).to(dtype)}
     return inputs
 
 
 TEXT_IMAGE = {"text": "input_ids", "image": "pixel_values"}
+
+
+def _vision(size: Size) -> dict[str, int]:
+    return {"image_size": size.hf_image, "patch_size": size.patch}
 
 
 class CLIPLogits(nn.Module):
@@ -165,19 +246,18 @@ class CLIPLogits(nn.Module):
         return self.model(input_ids=input_ids, pixel_values=pixel_values).logits_per_image
 
 
-def clip_case(attn: str = "eager") -> Case:
+def clip_case(size: Size, attn: str = "eager") -> Case:
     """CLIPModel, ``logits_per_image``; ``attn``: transformers' attention implementation."""
     def build(dtype: torch.dtype) -> nn.Module:
         from transformers import CLIPConfig, CLIPModel
 
         torch.manual_seed(0)
-        text = {**ENCODER, "vocab_size": VOCAB, "max_position_embeddings": 16, "bos_token_id": 1, "eos_token_id": 2,
-                "pad_token_id": 0}  # eos 2: pooled at the argmax token id (CLIP's original rule)
-        vision = {**ENCODER, "image_size": HW, "patch_size": 8}
-        config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+        text = {**size.encoder, "vocab_size": VOCAB, "max_position_embeddings": size.positions, "bos_token_id": 1,
+                "eos_token_id": 2, "pad_token_id": 0}  # eos 2: pooled at the argmax token id (CLIP's original rule)
+        config = CLIPConfig(text_config=text, vision_config={**size.encoder, **_vision(size)}, projection_dim=16)
         config._attn_implementation = attn
         return _hf(CLIPLogits(CLIPModel(config)), dtype)
-    return Case(build, text_image_inputs(), TEXT_IMAGE)
+    return Case(build, text_image_inputs(size), TEXT_IMAGE)
 
 
 class ViltPooled(nn.Module):
@@ -194,15 +274,15 @@ class ViltPooled(nn.Module):
         return {"pooled": out.pooler_output, "mean": out.last_hidden_state.mean(1)}
 
 
-def vilt_case() -> Case:
+def vilt_case(size: Size) -> Case:
     def build(dtype: torch.dtype) -> nn.Module:
         from transformers import ViltConfig, ViltModel
 
         torch.manual_seed(0)
-        config = ViltConfig(**TINY, vocab_size=VOCAB, max_position_embeddings=16, image_size=HW, patch_size=8,
-                            max_image_length=-1)
+        config = ViltConfig(**size.encoder, **NO_DROPOUT, **_vision(size), vocab_size=VOCAB,
+                            max_position_embeddings=size.positions, max_image_length=-1)
         return _hf(ViltPooled(ViltModel(config)), dtype)
-    return Case(build, text_image_inputs(), TEXT_IMAGE)
+    return Case(build, text_image_inputs(size), TEXT_IMAGE)
 
 
 class ViltFromEmbeds(nn.Module):
@@ -232,14 +312,14 @@ class ViltFromEmbeds(nn.Module):
     def forward(self, input_ids, pixel_values):
         image = self.image_embeds(pixel_values)
         out = self.model(input_ids=input_ids, image_embeds=image,
-                         pixel_mask=torch.ones(image.shape[:2], dtype=torch.long))
+                         pixel_mask=torch.ones(image.shape[:2], dtype=torch.long, device=image.device))
         return {"pooled": out.pooler_output, "mean": out.last_hidden_state.mean(1)}
 
 
-def vilt_embeds_case() -> Case:
+def vilt_embeds_case(size: Size) -> Case:
     def build(dtype: torch.dtype) -> nn.Module:
-        return ViltFromEmbeds(vilt_case().build(dtype).model).eval()
-    return Case(build, text_image_inputs(), TEXT_IMAGE)
+        return ViltFromEmbeds(vilt_case(size).build(dtype).model).eval()
+    return Case(build, text_image_inputs(size), TEXT_IMAGE)
 
 
 def _pooled_and_mean(out) -> dict[str, torch.Tensor]:
@@ -258,29 +338,26 @@ class VisualBertWrap(nn.Module):
         return _pooled_and_mean(self.model(input_ids=input_ids, visual_embeds=visual_embeds))
 
 
-REGIONS, REGION_DIM = 5, 16
-
-
-def text_region_inputs(key: str = "visual_embeds", pos: str | None = None):
+def text_region_inputs(size: Size, key: str = "visual_embeds", pos: str | None = None):
     def inputs(seed: int, dtype: torch.dtype) -> dict[str, Any]:
         g = torch.Generator().manual_seed(seed)
-        out = {"input_ids": torch.randint(1, VOCAB, (1, TEXT_LEN), generator=g),
-               key: torch.randn(1, REGIONS, REGION_DIM, generator=g).to(dtype)}
+        out = {"input_ids": torch.randint(1, VOCAB, (1, size.text), generator=g),
+               key: torch.randn(1, size.regions, size.region_dim, generator=g).to(dtype)}
         if pos is not None:  # context (box coordinates): the same for every seed
-            out[pos] = torch.rand(1, REGIONS, 4, generator=torch.Generator().manual_seed(7)).to(dtype)
+            out[pos] = torch.rand(1, size.regions, 4, generator=torch.Generator().manual_seed(7)).to(dtype)
         return out
     return inputs
 
 
-def visualbert_case() -> Case:
+def visualbert_case(size: Size) -> Case:
     def build(dtype: torch.dtype) -> nn.Module:
         from transformers import VisualBertConfig, VisualBertModel
 
         torch.manual_seed(0)
-        config = VisualBertConfig(**TINY, vocab_size=VOCAB, max_position_embeddings=16,
-                                  visual_embedding_dim=REGION_DIM)
+        config = VisualBertConfig(**size.encoder, **NO_DROPOUT, vocab_size=VOCAB,
+                                  max_position_embeddings=size.positions, visual_embedding_dim=size.region_dim)
         return _hf(VisualBertWrap(VisualBertModel(config)), dtype)
-    return Case(build, text_region_inputs(), {"text": "input_ids", "vision": "visual_embeds"})
+    return Case(build, text_region_inputs(size), {"text": "input_ids", "vision": "visual_embeds"})
 
 
 class LxmertWrap(nn.Module):
@@ -297,17 +374,18 @@ class LxmertWrap(nn.Module):
                 "vision": out.vision_output.mean(1)}
 
 
-def lxmert_case() -> Case:
+def lxmert_case(size: Size) -> Case:
     def build(dtype: torch.dtype) -> nn.Module:
         from transformers import LxmertConfig, LxmertModel
 
         torch.manual_seed(0)
-        config = LxmertConfig(vocab_size=VOCAB, hidden_size=32, num_attention_heads=2, intermediate_size=37,
-                              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=16,
-                              l_layers=2, x_layers=2, r_layers=2, visual_feat_dim=REGION_DIM, visual_pos_dim=4,
+        config = LxmertConfig(vocab_size=VOCAB, hidden_size=size.hidden, num_attention_heads=size.heads,
+                              intermediate_size=size.intermediate, **NO_DROPOUT,
+                              max_position_embeddings=size.positions, l_layers=size.layers, x_layers=size.layers,
+                              r_layers=size.layers, visual_feat_dim=size.region_dim, visual_pos_dim=4,
                               num_qa_labels=3, num_object_labels=3, num_attr_labels=3)
         return _hf(LxmertWrap(LxmertModel(config)), dtype)
-    return Case(build, text_region_inputs("visual_feats", pos="visual_pos"),
+    return Case(build, text_region_inputs(size, "visual_feats", pos="visual_pos"),
                 {"text": "input_ids", "vision": "visual_feats"})
 
 
@@ -324,18 +402,18 @@ class FlavaWrap(nn.Module):
         return {"pooled": out.multimodal_output.pooler_output, "mean": out.multimodal_embeddings.mean(1)}
 
 
-def flava_case() -> Case:
+def flava_case(size: Size) -> Case:
     def build(dtype: torch.dtype) -> nn.Module:
         from transformers import FlavaConfig, FlavaModel
 
         torch.manual_seed(0)
-        enc = ENCODER
-        config = FlavaConfig(text_config=dict(enc, vocab_size=VOCAB, max_position_embeddings=16),
-                             image_config=dict(enc, image_size=HW, patch_size=8),
+        enc = size.encoder
+        config = FlavaConfig(text_config=dict(enc, vocab_size=VOCAB, max_position_embeddings=size.positions),
+                             image_config=dict(enc, **_vision(size)),
                              multimodal_config=dict(enc), image_codebook_config={"hidden_size": 8, "vocab_size": 16},
-                             hidden_size=32, projection_dim=16, init_codebook=False)
+                             hidden_size=size.hidden, projection_dim=16, init_codebook=False)
         return _hf(FlavaWrap(FlavaModel(config)), dtype)
-    return Case(build, text_image_inputs(), TEXT_IMAGE)
+    return Case(build, text_image_inputs(size), TEXT_IMAGE)
 
 
 class BlipITM(nn.Module):
@@ -350,19 +428,19 @@ class BlipITM(nn.Module):
         return self.model(input_ids=input_ids, pixel_values=pixel_values, use_itm_head=True).itm_score
 
 
-def blip_case() -> Case:
+def blip_case(size: Size) -> Case:
     def build(dtype: torch.dtype) -> nn.Module:
         from transformers import BlipConfig, BlipForImageTextRetrieval
 
         torch.manual_seed(0)
-        enc = ENCODER
-        config = BlipConfig(text_config=dict(enc, vocab_size=VOCAB, max_position_embeddings=16,
-                                             encoder_hidden_size=32, bos_token_id=1, eos_token_id=2,
+        enc = size.encoder
+        config = BlipConfig(text_config=dict(enc, vocab_size=VOCAB, max_position_embeddings=size.positions,
+                                             encoder_hidden_size=size.hidden, bos_token_id=1, eos_token_id=2,
                                              pad_token_id=0, sep_token_id=3),
-                            vision_config=dict(enc, image_size=HW, patch_size=8), projection_dim=16,
+                            vision_config=dict(enc, **_vision(size)), projection_dim=16,
                             image_text_hidden_size=16)
         return _hf(BlipITM(BlipForImageTextRetrieval(config)), dtype)
-    return Case(build, text_image_inputs(), TEXT_IMAGE)
+    return Case(build, text_image_inputs(size), TEXT_IMAGE)
 
 
 class BridgeTowerWrap(nn.Module):
@@ -379,18 +457,20 @@ class BridgeTowerWrap(nn.Module):
         return {"pooled": out.pooler_output, "text": out.text_features.mean(1), "image": out.image_features.mean(1)}
 
 
-def bridgetower_case() -> Case:
+def bridgetower_case(size: Size) -> Case:
     def build(dtype: torch.dtype) -> nn.Module:
         from transformers import BridgeTowerConfig, BridgeTowerModel
 
         torch.manual_seed(0)
-        enc = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
-        config = BridgeTowerConfig(text_config=dict(enc, intermediate_size=37, vocab_size=VOCAB,
-                                                    max_position_embeddings=16),
-                                   vision_config=dict(enc, hidden_size=64, image_size=HW, patch_size=8),  # heads = hidden // 64
-                                   hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+        enc = {"hidden_size": size.hidden, "num_hidden_layers": size.layers, "num_attention_heads": size.heads}
+        config = BridgeTowerConfig(text_config=dict(enc, intermediate_size=size.intermediate, vocab_size=VOCAB,
+                                                    max_position_embeddings=size.positions),
+                                   # the vision tower has hidden // 64 heads
+                                   vision_config=dict(enc, hidden_size=max(64, size.hidden), **_vision(size)),
+                                   hidden_size=size.hidden, num_hidden_layers=size.layers,
+                                   num_attention_heads=size.heads)
         return _hf(BridgeTowerWrap(BridgeTowerModel(config)), dtype)
-    return Case(build, text_image_inputs(), TEXT_IMAGE)
+    return Case(build, text_image_inputs(size), TEXT_IMAGE)
 
 
 # -- the zoo: name -> Case ----------------------------------------------------------------------
@@ -413,29 +493,46 @@ def _moving(case: Case, *names: str) -> Case:
     return case
 
 
-CASES: dict[str, Any] = {
-    # timm, early fusion (fx)
-    "timm-resnet18": lambda: timm_case("resnet18"),
-    "timm-convnext_atto": lambda: timm_case("convnext_atto"),
-    "timm-efficientnet_b0": lambda: timm_case("efficientnet_b0"),
-    "timm-mobilenetv3_small_100": lambda: timm_case("mobilenetv3_small_100"),
-    "timm-vit_tiny-fused_attn": lambda: timm_case("vit_tiny_patch16_224", img_size=HW, fused_attn=True),
-    "timm-vit_tiny-explicit_attn-fx": lambda: timm_case("vit_tiny_patch16_224", img_size=HW, fused_attn=False),
-    "timm-vit_tiny-explicit_attn-export": lambda: _only_export(
-        timm_case("vit_tiny_patch16_224", img_size=HW, fused_attn=False)),
-    # torchvision, early fusion (fx)
-    "torchvision-vit": torchvision_vit_case,
-    "torchvision-deeplabv3_mobilenet_v3_large": deeplab_case,
-    # transformers (auto -> export)
-    # CLIP: the towers are pure until logits = scale · image_emb @ text_embᵀ; Rules(product="freeze")
-    # gives that product to one operand (text), so only the text component moves with its input.
-    "transformers-clip": lambda: _moving(_export(clip_case()), "text"),
-    "transformers-clip-sdpa": lambda: _moving(_export(clip_case("sdpa")), "text"),
-    "transformers-vilt": lambda: _export(vilt_case()),
-    "transformers-vilt-image_embeds": lambda: _export(vilt_embeds_case()),
-    "transformers-visualbert": lambda: _export(visualbert_case()),
-    "transformers-lxmert": lambda: _export(lxmert_case()),
-    "transformers-flava": lambda: _export(flava_case()),
-    "transformers-blip-itm": lambda: _export(blip_case()),
-    "transformers-bridgetower": lambda: _export(bridgetower_case()),
-}
+def cases(size: Size = TINY) -> dict[str, Callable[[], Case]]:
+    """name -> the zoo model's Case at ``size`` (built on demand: the libraries are optional)."""
+    return {
+        # timm, early fusion (fx)
+        "timm-resnet18": lambda: timm_case("resnet18", size.image),
+        "timm-convnext_atto": lambda: timm_case("convnext_atto", size.image),
+        "timm-efficientnet_b0": lambda: timm_case("efficientnet_b0", size.image),
+        "timm-mobilenetv3_small_100": lambda: timm_case("mobilenetv3_small_100", size.image),
+        "timm-vit_tiny-fused_attn": lambda: timm_vit_case(size, fused_attn=True),
+        "timm-vit_tiny-explicit_attn-fx": lambda: timm_vit_case(size, fused_attn=False),
+        "timm-vit_tiny-explicit_attn-export": lambda: _only_export(timm_vit_case(size, fused_attn=False)),
+        # torchvision, early fusion (fx)
+        "torchvision-vit": lambda: torchvision_vit_case(size),
+        "torchvision-deeplabv3_mobilenet_v3_large": lambda: deeplab_case(size),
+        # transformers (auto -> export)
+        # CLIP: the towers are pure until logits = scale · image_emb @ text_embᵀ; Rules(product="freeze")
+        # gives that product to one operand (text), so only the text component moves with its input.
+        "transformers-clip": lambda: _moving(_export(clip_case(size)), "text"),
+        "transformers-clip-sdpa": lambda: _moving(_export(clip_case(size, "sdpa")), "text"),
+        "transformers-vilt": lambda: _export(vilt_case(size)),
+        "transformers-vilt-image_embeds": lambda: _export(vilt_embeds_case(size)),
+        "transformers-visualbert": lambda: _export(visualbert_case(size)),
+        "transformers-lxmert": lambda: _export(lxmert_case(size)),
+        "transformers-flava": lambda: _export(flava_case(size)),
+        "transformers-blip-itm": lambda: _export(blip_case(size)),
+        "transformers-bridgetower": lambda: _export(bridgetower_case(size)),
+    }
+
+
+CASES = cases()  # the tiny zoo of tests/zoo
+
+# The packages a family needs (timm imports torchvision).
+NEEDS = {"timm": ("timm", "torchvision"), "torchvision": ("torchvision",), "transformers": ("transformers",)}
+
+
+def missing(name: str) -> str | None:
+    """Why zoo model ``name`` cannot be built here (a package is missing or does not import), or None."""
+    for module in NEEDS[name.split("-")[0]]:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:  # e.g. timm beside a torchvision that does not match torch
+            return f"{module} cannot be imported ({exc})"
+    return None
