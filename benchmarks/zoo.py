@@ -9,7 +9,8 @@ transformers multimodal models; M = 2, batch 1, random init): the forward under
 wall and CPU time), their peak activation memory, and the relative residual
 max |Σ components − model(...)| / max |model(...)|. ``--inductor`` adds the
 ``backend="inductor"`` decomposition against ``torch.compile(model, backend="inductor")`` and
-both first-call (compile) times. A model whose library does not import is listed as skipped.
+both first-call (compile) times; ``--profile N`` the N ops with the most self CPU time in one
+decomposition call beside the forward's. A model whose library does not import is listed as skipped.
 """
 
 from __future__ import annotations
@@ -82,6 +83,20 @@ def peak_bytes(fn: Callable[[], Any], device: torch.device) -> int:
     return peak
 
 
+def op_profile(fns: dict[str, Callable[[], Any]], top: int) -> list[dict[str, Any]]:
+    """The ``top`` ops by self CPU time in one call of ``fns["decompose"]``: calls and self CPU
+    ms there and in one call of ``fns["forward"]`` (``torch.profiler``, after the timed calls)."""
+    ops: dict[str, dict[str, tuple[int, float]]] = {}
+    with torch.no_grad():
+        for key, fn in fns.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                fn()
+            ops[key] = {e.key: (e.count, e.self_cpu_time_total / 1e3) for e in prof.key_averages()}
+    ranked = sorted(ops["decompose"].items(), key=lambda item: -item[1][1])[:top]
+    return [{"op": op, "calls": calls, "self_ms": ms, "forward_calls": ops["forward"].get(op, (0, 0.0))[0],
+             "forward_self_ms": ops["forward"].get(op, (0, 0.0))[1]} for op, (calls, ms) in ranked]
+
+
 def residual(components: Any, expected: Any) -> float:
     """Worst relative max |Σ components − expected| / max |expected| over the output leaves."""
     return max(float((stack.sum(0).float() - value.float()).abs().max()) / scale_of([value.float()])
@@ -110,14 +125,16 @@ def inductor(case: Case, model: torch.nn.Module, inputs: dict[str, Any], device:
     with autocast(device, amp):
         out = {"forward_compile_s": first_call(fns["forward"], device),
                "decompose_compile_s": build_s + first_call(fns["decompose"], device)}
-        times = interleaved_medians(fns, device, repeats, warmup=1)
+        cpu: dict[str, float] = {}
+        times = interleaved_medians(fns, device, repeats, cpu_times=cpu)
     out.update(forward_inductor_s=times["forward"], decompose_inductor_s=times["decompose"],
-               ratio_inductor=times["decompose"] / times["forward"])
+               ratio_inductor=times["decompose"] / times["forward"],
+               ratio_inductor_cpu_time=cpu["decompose"] / cpu["forward"])
     return out
 
 
 def measure(name: str, size: str, device: torch.device, repeats: int, amp: str | None = None,
-            compiled: bool = False) -> dict[str, Any]:
+            compiled: bool = False, top: int = 0) -> dict[str, Any]:
     """One zoo model: times, CPU times, peak memory and residual of forward and default decomposition."""
     case = cases(SIZES[size])[name]()
     model = case.build(torch.float32).to(device)
@@ -134,6 +151,8 @@ def measure(name: str, size: str, device: torch.device, repeats: int, amp: str |
         mem = {key: peak_bytes(fn, device) for key, fn in fns.items()}
         with torch.no_grad():
             row["residual"] = residual(dec(**inputs).components, model(**inputs))
+        if top:
+            row["profile"] = op_profile(fns, top)
     row.update(forward_s=wall["forward"], decompose_s=wall["decompose"], ratio=wall["decompose"] / wall["forward"],
                forward_cpu_s=cpu["forward"], decompose_cpu_s=cpu["decompose"],
                ratio_cpu_time=cpu["decompose"] / cpu["forward"],
@@ -145,7 +164,7 @@ def measure(name: str, size: str, device: torch.device, repeats: int, amp: str |
 
 
 def run(names: list[str], size: str, device: torch.device, repeats: int, amp: str | None,
-        compiled: bool) -> dict[str, Any]:
+        compiled: bool, top: int = 0) -> dict[str, Any]:
     """Every model of ``names``: a row each, or a skip (library missing) or failure with the reason."""
     result: dict[str, Any] = {"size": size, "sizes": asdict(SIZES[size]), "device": str(device), "repeats": repeats,
                               "autocast": amp, "inductor": compiled, "batch": 1, "modalities": 2,
@@ -156,7 +175,7 @@ def run(names: list[str], size: str, device: torch.device, repeats: int, amp: st
             result["skipped"].append({"model": name, "reason": why})
             continue
         try:
-            row = measure(name, size, device, repeats, amp, compiled)
+            row = measure(name, size, device, repeats, amp, compiled, top)
         except Exception as exc:  # noqa: BLE001 (a row per model, whatever fails)
             traceback.print_exc()
             result["failed"].append({"model": name, "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
@@ -180,10 +199,16 @@ def tables(result: dict[str, Any]) -> list[Table]:
     out = [Table(["model", "params", "frontend", "forward s", "decomposition s", "ratio (wall)", "ratio (CPU time)",
                   "target", "÷ target", "peak memory ratio", "exact residual"], rows)]
     if result["inductor"]:
-        out.append(Table(["model", "inductor forward s", "inductor decomposition s", "ratio", "forward compile s",
-                          "decomposition compile s"],
+        out.append(Table(["model", "inductor forward s", "inductor decomposition s", "ratio (wall)",
+                          "ratio (CPU time)", "forward compile s", "decomposition compile s"],
                          [[r["model"], r["forward_inductor_s"], r["decompose_inductor_s"], r["ratio_inductor"],
-                           r["forward_compile_s"], r["decompose_compile_s"]] for r in result["models"]]))
+                           r["ratio_inductor_cpu_time"], r["forward_compile_s"], r["decompose_compile_s"]]
+                          for r in result["models"]]))
+    for r in result["models"]:
+        if "profile" in r:
+            out.append(Table([f"{r['model']}: op", "calls", "self CPU ms", "forward calls", "forward self CPU ms"],
+                             [[p["op"], p["calls"], p["self_ms"], p["forward_calls"], p["forward_self_ms"]]
+                              for p in r["profile"]]))
     return out
 
 
@@ -197,13 +222,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--inductor", action="store_true", help="also time backend='inductor' and its compile")
     parser.add_argument("--autocast", choices=("bf16",), default=None,
                         help="run forward and decomposition under torch.autocast(device, bfloat16)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also list the N ops with the most self CPU time in one decomposition call")
     args = parser.parse_args(argv)
     apply_threads(args)
     unknown = sorted(set(args.models) - set(cases()))
     if unknown:
         parser.error(f"unknown models {unknown}; choose from {', '.join(cases())}")
     device = device_of(args.device)
-    result = run(args.models, args.size, device, args.repeats, args.autocast, args.inductor)
+    result = run(args.models, args.size, device, args.repeats, args.autocast, args.inductor, args.profile)
     notes = [(f"size {args.size} ({result['sizes']}), batch 1, M = 2, {torch.get_num_threads()} torch thread(s), "
               f"median of {args.repeats} interleaved rounds after one warm-up; ratio = decomposition / forward; "
               f"1-min load average {result['load_average_start']:.1f} at start, {result['load_average_end']:.1f} at end"),
