@@ -16,6 +16,7 @@ decomposition call beside the forward's. A model whose library does not import i
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -182,7 +183,7 @@ def run(names: list[str], size: str, device: torch.device, repeats: int, amp: st
                                      if str(exc) else type(exc).__name__})
             continue
         result["models"].append(row)
-        print(f"{name}: ratio {row['ratio_cpu_time']:.2f} (CPU time), {row['ratio']:.2f} (wall)", flush=True)
+        print(f"{name}: ratio {row['ratio_cpu_time']:.2f} (CPU time), {row['ratio']:.2f} (wall)", file=sys.stderr)
     result["load_average_end"] = load_average()
     return result
 
