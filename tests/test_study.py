@@ -107,8 +107,10 @@ def test_taylor_everywhere_overrides_every_mixed_op(world_model):
 
 def test_grids():
     ofat, full = study.rule_sets("ofat"), study.rule_sets("full")
-    assert len(ofat) == 1 + 1 + 2 + 1 + 2 + 1  # defaults, each other value, taylor
-    assert len(full) == 2 * 3 * 2 * 3 + 1
+    references = 2 * len(study.REFERENCES)  # default and rescale rules against each reference input
+    assert len(ofat) == 1 + 2 + 2 + 1 + 2 + references + 1  # defaults, each other value, references, taylor
+    assert len(full) == 3 * 3 * 2 * 3 + references + 1
+    assert "activation=rescale, reference=blank" in ofat and ofat["reference=mean"]["reference"] == "mean"
     assert set(ofat) <= set(full)
     assert ofat["default"] == {"activation": "secant", "bias_split": "none", "batchnorm": "identity", "norm": "ratio"}
 

@@ -44,7 +44,7 @@ from lmdfx.errors import LMDError
 from lmdfx.metrics import Sample, progress_bar, select
 
 __all__ = ["SEED", "DEFAULT_SCENES", "QUICK_SCENES", "STUDY_MODELS", "GRIDS", "rule_sets", "taylor_everywhere",
-           "bootstrap_ci", "FusedBEV", "camera_bev", "check_fused", "occlusion_maps", "check_arguments", "run"]
+           "bootstrap_ci", "score_intervals", "format_score", "TABLE4_LABELS", "FusedBEV", "camera_bev", "check_fused", "occlusion_maps", "check_arguments", "run"]
 
 #: Unseen scenes: training used seeds 0 (train) and 1 (validation), as for the demo.
 SEED = 2
@@ -63,8 +63,10 @@ BATCH = 8
 STUDY_MODELS = ("simplebev-world", "simplebev-world-nodropout", "simplebev-world-radarheavy")
 #: The Table 4 entries in the paper's order: (perturbed modality, component), indices into (camera, radar).
 TABLE4 = ((1, 1), (1, 0), (0, 1), (0, 0))
+#: Their labels.
+TABLE4_LABELS = ("Rp/R", "Rp/C", "Cp/R", "Cp/C")
 #: Rules fields of the grid and their values (defaults first).
-FACTORS = {"activation": ("secant", "tangent"), "bias_split": ("none", "sum", "ratio"),
+FACTORS = {"activation": ("secant", "tangent", "rescale"), "bias_split": ("none", "sum", "ratio"),
            "batchnorm": ("identity", "uniform"), "norm": ("ratio", "identity", "uniform")}
 #: Grid names: ``ofat`` (default) varies one factor at a time around the defaults; ``full`` is the
 #: whole 2×3×2×3 product; both add ``taylor-everywhere``.
@@ -76,8 +78,13 @@ DEFAULT = "default"
 # ---------------------------------------------------------------------------
 # The grid
 # ---------------------------------------------------------------------------
+#: Reference inputs LMD can decompose against besides zero (:class:`ReferencedBEV`): the input with
+#: every sensor zeroed (a grey image, an empty radar grid: Shapley's zero baseline) and the scenes' mean input.
+REFERENCES = ("blank", "mean")
+
+
 def _name(fields: dict[str, str]) -> str:
-    changed = [f"{k}={v}" for k, v in fields.items() if v != FACTORS[k][0]]
+    changed = [f"{k}={v}" for k, v in fields.items() if k == "reference" or v != FACTORS[k][0]]
     return ", ".join(changed) or DEFAULT
 
 
@@ -86,7 +93,8 @@ def rule_sets(grid: str = "ofat") -> dict[str, dict[str, str]]:
 
     ``ofat``: the defaults, then each factor's other values with the rest at their defaults (the
     paper's Table 4 rows are ``bias_split=sum`` and ``bias_split=ratio``). ``full``: every
-    combination of :data:`FACTORS`.
+    combination of :data:`FACTORS`. Both add the default rules decomposed against each of
+    :data:`REFERENCES` (field ``reference``; not a ``Rules`` field).
     """
     if grid not in GRIDS:
         raise LMDError(f"unknown rule grid {grid!r}; use one of {', '.join(GRIDS)}.")
@@ -95,6 +103,7 @@ def rule_sets(grid: str = "ofat") -> dict[str, dict[str, str]]:
         combos = [dict(zip(FACTORS, values)) for values in itertools.product(*FACTORS.values())]
     else:
         combos = [defaults] + [{**defaults, k: v} for k, values in FACTORS.items() for v in values[1:]]
+    combos += [{**defaults, **extra, "reference": r} for r in REFERENCES for extra in ({}, {"activation": "rescale"})]
     out = {_name(c): c for c in combos}
     out[TAYLOR] = {}
     return out
@@ -132,7 +141,7 @@ def bootstrap_ci(hits: Sequence[float], level: float = 0.95, resamples: int = 40
     return float(lo), float(hi)
 
 
-def _scores(score: AttributionScore) -> dict[str, dict]:
+def score_intervals(score: AttributionScore) -> dict[str, dict]:
     """Score, hits, total and 95 % bootstrap interval on camera-only, radar-only and all single-sensor vehicles."""
     out = {}
     for group in (*[f"{s}-only" for s in SENSORS], "all"):
@@ -220,10 +229,47 @@ class _Data:
     radar: torch.Tensor  # [N, C_radar, Z, X]
     blank_cam: torch.Tensor  # [1, ...]: camera features of all-zero images (the zero baseline)
     mean_cam: torch.Tensor  # [1, ...]: camera features of the scenes' mean images (the mean-input baseline)
-    items: list[dict] = field(default_factory=list)  # fused inputs plus ground truth, per scene
+    gt: list[dict]  # ground truth per scene (vehicle_gt, valid_mask)
+    args: dict[str, torch.Tensor] = field(default_factory=dict)  # forward argument -> [N, ...] (default: FusedBEV's)
+    context: dict[str, torch.Tensor] = field(default_factory=dict)  # forward argument -> one sample's value
+
+    def __post_init__(self) -> None:
+        self.args = self.args or {"cam_bev": self.cam, "radar_bev": self.radar}
+        self.items = [{**{k: v[i] for k, v in self.args.items()}, **self.context, **self.gt[i]}
+                      for i in range(len(self.gt))]
 
     def inputs(self, ks: Sequence[int]) -> dict[str, torch.Tensor]:
-        return {"cam_bev": self.cam[list(ks)], "radar_bev": self.radar[list(ks)]}
+        ks = list(ks)
+        return {**{k: v[ks] for k, v in self.args.items()},
+                **{k: v.expand(len(ks), *v.shape) for k, v in self.context.items()}}
+
+    def against(self, reference: str) -> "_Data":
+        """The inputs of :class:`ReferencedBEV`: differences from the ``blank`` (zero-input) or ``mean`` input."""
+        cam = self.blank_cam if reference == "blank" else self.mean_cam
+        radar = torch.zeros_like(self.radar[:1]) if reference == "blank" else self.radar.mean(0, keepdim=True)
+        return _Data(self.cam, self.radar, self.blank_cam, self.mean_cam, self.gt,
+                     {"cam_delta": self.cam - cam, "radar_delta": self.radar - radar},
+                     {"reference": torch.cat([cam, radar], dim=1)[0]})
+
+
+class ReferencedBEV(nn.Module):
+    """:class:`FusedBEV` decomposed against a reference input instead of zero.
+
+    The modality inputs are the differences from the reference (``cam_delta``, ``radar_delta``);
+    the reference, a context input, is added right after the concatenation that mixes them, so
+    LMD books its whole effect under the bias (a context value entering a mixed node is the bias's).
+    Added before the mixing it would be part of the camera-only path and belong to the camera.
+    """
+
+    modality_args = {"camera": "cam_delta", "radar": "radar_delta"}
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.bev_compressor, self.decoder = model.bev_compressor, model.decoder
+
+    def forward(self, cam_delta: torch.Tensor, radar_delta: torch.Tensor,
+                reference: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.decoder(self.bev_compressor(torch.cat([cam_delta, radar_delta], dim=1) + reference))
 
 
 def _prepare(model: nn.Module, scenes: _Scenes, progress: bool) -> _Data:
@@ -241,9 +287,8 @@ def _prepare(model: nn.Module, scenes: _Scenes, progress: bool) -> _Data:
     images = torch.stack([scenes.scene(k).inputs["images"] for k in range(n)])
     blank = camera_bev(model, torch.zeros_like(images[:1]), grid, valid)
     mean = camera_bev(model, images.mean(0, keepdim=True), grid, valid)
-    items = [{"cam_bev": cam[k], "radar_bev": radar[k], GT_KEY: scenes.scene(k).vehicle_gt,
-              VALID_KEY: scenes.scene(k).valid_mask} for k in range(n)]
-    return _Data(cam, radar, blank, mean, items)
+    gt = [{GT_KEY: scenes.scene(k).vehicle_gt, VALID_KEY: scenes.scene(k).valid_mask} for k in range(n)]
+    return _Data(cam, radar, blank, mean, gt)
 
 
 # ---------------------------------------------------------------------------
@@ -313,7 +358,7 @@ def _lmd_row(name: str, rules: lmdfx.Rules, fused: nn.Module, data: _Data, scene
     score = attribution_score({k: comps[k, :-1] for k in range(n)}, scenes, names=dec.names[:-1])
     row = {"method": name, "kind": "lmd", "rules": {k: getattr(rules, k) for k in FACTORS} if name != TAYLOR
            else {"fallback": "taylor", "overrides": {str(k): v for k, v in rules.overrides.items()}},
-           "attribution": _scores(score), "iou": _component_iou(dec.names, comps, output, data),
+           "attribution": score_intervals(score), "iou": _component_iou(dec.names, comps, output, data),
            "separation": _separation(dec, data),
            "exactness": {"max_relative_residual": residual, "check": dec.check}}
     return row, score
@@ -337,7 +382,7 @@ def occlusion_maps(model: nn.Module, inputs: dict[str, torch.Tensor], blank: dic
 def _maps_row(name: str, kind: str, maps: torch.Tensor, output: torch.Tensor, data: _Data, scenes: _Scenes,
               extra: dict) -> tuple[dict, AttributionScore]:
     score = attribution_score({k: maps[k] for k in range(len(maps))}, scenes, names=SENSORS)
-    row = {"method": name, "kind": kind, "attribution": _scores(score),
+    row = {"method": name, "kind": kind, "attribution": score_intervals(score),
            "iou": _component_iou(SENSORS, maps, output, data), "separation": None, **extra}
     return row, score
 
@@ -399,7 +444,7 @@ def _captum_rows(fused: nn.Module, data: _Data, scenes: _Scenes, progress: bool)
     rows = []
     for name in names:
         score = AttributionScore(SENSORS, records[name])
-        rows.append(({"method": name, "kind": "captum", "attribution": _scores(score), "iou": None,
+        rows.append(({"method": name, "kind": "captum", "attribution": score_intervals(score), "iou": None,
                       "separation": None, "exactness": {"sums_to": "output − output at the baseline"
                                                         if "DeepLift" in name else "not additive"},
                       "note": "at the camera BEV features and the radar grid (the encoder is camera-only)"}, score))
@@ -471,14 +516,21 @@ def _study_model(spec: str, weights: Optional[str], grid: dict[str, dict], scene
     data = _prepare(model, scenes, progress)
     check = check_fused(model, scenes.scene(0))
     rows, scores = [], {}
+    referenced = ReferencedBEV(model).eval()
     for name, fields in grid.items():
         t = time.time()
         default_dec = lmdfx.compile(fused, fused.modality_args) if name == TAYLOR else None
-        rules = taylor_everywhere(default_dec) if name == TAYLOR else lmdfx.Rules(**fields)
-        row, scores[name] = _lmd_row(name, rules, fused, data, scenes, progress)
-        if name not in costs:
-            costs[name] = _cost(model, rules, scenes)
-        row["cost"] = costs[name]
+        rules = taylor_everywhere(default_dec) if name == TAYLOR else lmdfx.Rules(
+            **{k: v for k, v in fields.items() if k != "reference"})
+        reference = fields.get("reference")
+        net, inputs = (referenced, data.against(reference)) if reference else (fused, data)
+        row, scores[name] = _lmd_row(name, rules, net, inputs, scenes, progress)
+        row["rules"]["reference"] = reference or "zero"
+        # a reference adds one addition to the model: the cost of the same rules without one
+        key = _name({k: v for k, v in fields.items() if k != "reference"}) if reference else name
+        if key not in costs:
+            costs[key] = _cost(model, rules, scenes)
+        row["cost"] = costs[key]
         row["seconds"] = round(time.time() - t, 1)
         rows.append(row)
     for row, score in _baselines(fused, data, scenes, progress):
@@ -495,7 +547,7 @@ def _study_model(spec: str, weights: Optional[str], grid: dict[str, dict], scene
 # ---------------------------------------------------------------------------
 # study.md and study.png
 # ---------------------------------------------------------------------------
-def _pct(entry: dict) -> str:
+def format_score(entry: dict) -> str:
     """``78.4 [73.9, 82.6] (n)``: a score in percent with its interval and vehicle count."""
     if entry["total"] == 0:
         return "–"
@@ -512,7 +564,7 @@ def _g(value: Optional[float], digits: int = 2) -> str:
 
 
 def _table(model: dict) -> list[str]:
-    labels = ["Rp/R", "Rp/C", "Cp/R", "Cp/C"]
+    labels = TABLE4_LABELS
     head = ("| method | " + " | ".join(f"PCC {x}" for x in labels) + " | " + " | ".join(f"MSE {x}" for x in labels)
             + " | camera-only % | radar-only % | all single-sensor % | IoU cam / radar / bias / full % "
               "| cost (dec/fwd) | max rel. residual |")
@@ -531,8 +583,8 @@ def _table(model: dict) -> list[str]:
         cost = f"{row['cost']['ratio']:.2f}" if "cost" in row else "–"
         exact = row["exactness"]
         residual = _g(exact["max_relative_residual"]) if "max_relative_residual" in exact else exact["sums_to"]
-        lines.append(f"| {row['method']} | " + " | ".join(pcc + mse) + f" | {_pct(att['camera-only'])} | "
-                     f"{_pct(att['radar-only'])} | {_pct(att['all'])} | {iou_text} | {cost} | {residual} |")
+        lines.append(f"| {row['method']} | " + " | ".join(pcc + mse) + f" | {format_score(att['camera-only'])} | "
+                     f"{format_score(att['radar-only'])} | {format_score(att['all'])} | {iou_text} | {cost} | {residual} |")
     return lines
 
 
