@@ -75,8 +75,8 @@ class Size:
 
     @property
     def positions(self) -> int:
-        """max_position_embeddings of the text encoders."""
-        return max(16, self.text)
+        """max_position_embeddings of the text encoders (RoBERTa-style ids start at padding_idx + 1 = 2)."""
+        return max(16, self.text + 2)
 
 
 SIZES = {
