@@ -10,7 +10,7 @@ import torch
 from torch import fx, nn
 
 from .errors import LMDError, TraceError, UnsupportedOpError
-from .passes import assign_rules, normalize, provenance, resolve_record, rewrite, trace
+from .passes import assign_rules, constant_outputs, normalize, provenance, resolve_record, rewrite, trace
 from .passes.export import Capture, export, exported_program, graph_module
 from .passes import optimize as optimize_graph
 from .passes.optimize import TrunkDispatch
@@ -126,6 +126,7 @@ def _assign(capture: Capture, modalities: Mapping[str, str], rules: Rules) -> fx
     gm = capture.gm
     normalize(gm)
     provenance(gm, list(modalities.values()))
+    constant_outputs(gm, rules, list(modalities.values()))
     return assign_rules(gm, rules)
 
 

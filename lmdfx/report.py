@@ -75,25 +75,42 @@ class Report:
         self.graph = to_networkx(gm)
         self.fusion_nodes = fusion_frontier(self.graph)
         self._by_node = {row.node: row for row in self.rows}
+        # Each row's input rows (for the rounding allowance of Report.allowed).
+        self._inputs = {row.node: [self._by_node[p] for p in self.graph.predecessors(row.node) if p in self._by_node]
+                        for row in self.rows}
 
-    def update_residuals(self, residuals: dict[str, torch.Tensor | None],
+    def update_residuals(self, residuals: dict[str, tuple | None],
                          tolerance: Callable[[float], float]) -> tuple[str, Row] | None:
-        """Store the last reference call's checks (``rewrite.residual`` rows, in graph order);
-        return (message, row) for the first node that is not finite or not exact, else None."""
-        names = [name for name, value in residuals.items() if value is not None]
-        if not names:
+        """Store the last reference call's checks (``rewrite.residual`` triples, in graph
+        order); return (message, row) for the first node that is not finite or not exact,
+        else None. One device sync per dtype."""
+        checked = [(name, value) for name, value in residuals.items() if value is not None]
+        if not checked:
             return None
-        values = torch.stack([residuals[name] for name in names]).tolist()  # one device sync
+        numbers: dict[str, tuple[float, float, float, float]] = {}
+        by_dtype: dict[torch.dtype, list] = {}
+        for name, value in checked:
+            by_dtype.setdefault(value[1].dtype, []).append((name, value))
+        for dtype, group in by_dtype.items():
+            scales = torch.stack([scale for _, (_, scale, _) in group])
+            errors = torch.stack([scale.new_zeros(()) if error is None else error for _, (error, scale, _) in group])
+            spreads = torch.stack([per_component.sum() for _, (_, _, per_component) in group])
+            eps = torch.finfo(dtype).eps
+            for (name, _), error, scale, spread in zip(group, *torch.stack([errors, scales, spreads]).double().tolist()):
+                numbers[name] = (error, scale, spread, eps)
+        tolerances: dict[float, float] = {}
         failure = None
-        for name, (error, scale, spread, eps, derived) in zip(names, values):
+        for name, value in checked:
+            error, scale, spread, eps = numbers[name]
             row = self._by_node[name]
-            row.derived = bool(derived)
+            row.derived = value[0] is None
             row.value_finite = math.isfinite(scale)
             # A value holding ±inf (an additive mask) is checked for equal infinities only.
             row.residual, row.scale, row.spread = error, scale if row.value_finite else 0.0, spread
-            row.tolerance, row.eps = tolerance(eps), eps
-            row.upstream = max((self._magnitude(self._by_node[p]) for p in self.graph.predecessors(name)
-                                if p in self._by_node and self._by_node[p].scale is not None), default=0.0)
+            if eps not in tolerances:
+                tolerances[eps] = tolerance(eps)
+            row.tolerance, row.eps = tolerances[eps], eps
+            row.upstream = max((self._magnitude(p) for p in self._inputs[name] if p.scale is not None), default=0.0)
             if failure is not None:
                 continue
             if not math.isfinite(error) or (row.derived and math.isnan(scale)):
@@ -184,17 +201,12 @@ class Report:
         """Mixed nodes whose rule lets a component move with another modality's input at a frozen
         operating point (a Shapley product of two decomposed values, secant attention with
         Shapley products), where that reaches the output."""
-        # A frozen softmax is an operating-point constant: what lies only upstream of it (the
-        # Q·Kᵀ product of attention) cannot move any component of the output.
-        cut = self.graph.subgraph([n for n in self.graph if not (self.graph.nodes[n]["op"] in ("softmax", "log_softmax")
-                                                                   and self._rule_of(n) == "freeze")])
+        # A frozen value (a frozen softmax) is an operating-point constant: what lies only
+        # upstream of it (the Q·Kᵀ product of attention) cannot move any component of the output.
+        cut = self.graph.subgraph([n for n in self.graph if self.graph.nodes[n]["kind"] != "frozen"])
         outputs = [n for n in self.graph if self.graph.nodes[n]["op"] == "output"]
         reaching = set(outputs).union(*(nx.ancestors(cut, o) for o in outputs if o in cut))
         return [row for row in self.rows if not row.separates and row.node in reaching]
-
-    def _rule_of(self, node: str) -> str:
-        row = self._by_node.get(node)
-        return row.rule if row is not None else ""
 
     def separation_warning(self) -> str | None:
         rows = self.non_separating

@@ -144,33 +144,43 @@ class Decomposer:
         self._signature = inspect.signature(model.forward)
         graphs = list(getattr(module, "graphs", (module,)))
         self._inputs = [n.meta["lmd_param"] for n in graphs[0].graph.nodes if "lmd_param" in n.meta]
-        self._modules = list(model.named_modules())
-        self._tensors = [(graph, node.target, _resolve(model, node.target)) for graph in graphs
-                         for node in graph.graph.nodes
-                         if node.op == "get_attr" and not str(node.target).startswith(RULES_ATTR)
-                         and isinstance(_resolve(model, node.target), torch.Tensor)]
+        # (parent, attribute, submodule, qualified name) of every submodule, and (graph module,
+        # target, owner module, attribute, tensor) of every parameter or buffer the graphs read:
+        # checked on each call with one attribute lookup each.
+        self._submodules = [(model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2], module, name)
+                            for name, module in model.named_modules() if name]
+        self._tensors = []
+        for graph in graphs:
+            for node in graph.graph.nodes:
+                target = str(node.target)
+                if node.op != "get_attr" or target.startswith(RULES_ATTR):
+                    continue
+                owner_name, _, attr = target.rpartition(".")
+                owner = _resolve(model, owner_name) if owner_name else model
+                if isinstance(owner, nn.Module) and isinstance(getattr(owner, attr, None), torch.Tensor):
+                    self._tensors.append((graph, target, owner, attr, getattr(owner, attr)))
         self._run: Callable = _compiled(module, backend) if backend is not None else module
 
     # -- the model as it is now ---------------------------------------------------------------
     def _follow_model(self) -> None:
         """Read parameters and buffers from the user's model; a replaced submodule (whose
         hyper-parameters were compiled in) needs a new ``compile``."""
-        for name, module in self._modules:
-            if (_resolve(self.model, name) if name else self.model) is not module:
+        for parent, child, module, name in self._submodules:
+            if getattr(parent, child, None) is not module:
                 raise LMDError(f"model.{name} was replaced after lmdfx.compile; the decomposer was built for the old "
                                "module. Call lmdfx.compile(model, ...) again.")
-        for i, (graph, target, tensor) in enumerate(self._tensors):
-            current = _resolve(self.model, target)
+        for i, (graph, target, owner, attr, tensor) in enumerate(self._tensors):
+            current = getattr(owner, attr, None)
             if current is not tensor:
                 if not isinstance(current, torch.Tensor):
                     raise LMDError(f"model.{target} is no longer a tensor ({type(current).__name__}) since "
                                    "lmdfx.compile. Call lmdfx.compile(model, ...) again.")
                 _assign(graph, target, current)
-                self._tensors[i] = (graph, target, current)
+                self._tensors[i] = (graph, target, owner, attr, current)
 
     # -- calling --------------------------------------------------------------------------------
     def _arguments(self, args: tuple, kwargs: dict) -> dict[str, Any]:
-        if any(m.training for m in self.model.modules()):
+        if self.model.training or any(m.training for _, _, m, _ in self._submodules):
             raise LMDError(f"{type(self.model).__name__} is in training mode; call model.eval() before "
                            "decomposing (dropout and batch statistics make the operating point meaningless).")
         try:

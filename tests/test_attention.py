@@ -136,6 +136,10 @@ def test_sdpa_secant_is_exact(options):
 
 def test_sdpa_weights_match_the_masked_softmax():
     model = build(SDPA, attn_mask=_allowed, is_causal=True)
+    try:
+        model(**tokens(0))
+    except RuntimeError as exc:  # torch >= 2.14 refuses an attn_mask together with is_causal=True
+        pytest.skip(f"this torch ({torch.__version__}) refuses the combination: {str(exc).splitlines()[0]}")
     res = lmdfx.compile(model, MODS)(**tokens(0))
     weights = res.operating_point.constants["scaled_dot_product_attention"]["weights"]
     assert torch.all(weights[..., ~(_allowed & torch.ones_like(_allowed).tril())] == 0)

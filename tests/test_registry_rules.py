@@ -7,7 +7,8 @@ float64 for
 - the tangent map, where the rule declares ``tangent``: each modality component equals
   ``torch.func.jvp`` of the op in that modality's direction;
 - separation, where the rule declares ``separates``: at a frozen operating point the camera
-  component does not move when the radar input is replaced.
+  component does not move when the radar input is replaced;
+- bit-exact sums, where the rule declares ``moves_values``.
 
 A rule registered without an example fails ``test_every_registered_op_has_an_example``.
 """
@@ -110,6 +111,12 @@ def test_rule(op: str, example: Example, rules: lmdfx.Rules):
         torch.testing.assert_close(stack.sum(0), value, rtol=tol, atol=tol * (1 + float(value.abs().max())))
 
     only_op = all(r is rule or r.call.op in ("add", "getitem", "view") for r in dec.module.lmd_rules.children())
+    if rule.moves_values and only_op:
+        # The op moves elements: with the model's own trunk, the components sum to its output
+        # bit for bit (which is why such nodes carry no equality check of their own).
+        exact = lmdfx.compile(model, MODALITIES, rules=rules, exact_output=True)(cam, radar)
+        for value, stack in zip(outputs, floating(exact.components)):
+            assert torch.equal(stack.sum(0), value)
     if rule.tangent and rules.bias_split == "none" and only_op and outputs[0].dtype == torch.float64:
         # The operands' camera components are the camera input: the op's tangent map J·camera, with J
         # by reverse mode (an oracle independent of the rules' forward-mode jvp).

@@ -1,7 +1,7 @@
 """Pass 4 — rule assignment.
 
 Requires: ``provenance`` (``meta["lmd_kind"]``).
-Ensures: every mixed node has ``meta["lmd_rule"]``, a ``Rule`` module from the registry under
+Ensures: every mixed node (and every node pass ``constant_outputs`` froze) has ``meta["lmd_rule"]``, a ``Rule`` module from the registry under
 the user's ``Rules`` (overrides by module name, module type, then op). Raises, before any
 rule runs: ``LMDError`` for override keys that match nothing in the model, and for ops that
 are random at eval time on a mixed path (dropout with ``training=True``, ``rand*``,
@@ -100,7 +100,7 @@ def assign_rules(gm: fx.GraphModule, rules: Rules) -> fx.GraphModule:
     matched_overrides().clear()
     unsupported = []
     for node in gm.graph.nodes:
-        if node.meta.get("lmd_kind") != "mixed":
+        if node.meta.get("lmd_kind") != "mixed" and not node.meta.get("lmd_constant"):
             continue
         call = op_call(gm, node)
         rule = resolve(call, rules)

@@ -7,8 +7,9 @@ Ensures: every node has ``meta["lmd_provenance"]`` (frozenset of modality indice
 - ``"context"``: depends on no modality (parameters, calibration, shapes) — runs once;
 - ``"pure"``: depends on exactly one modality (an encoder) — runs once, wholly that modality's;
 - ``"mixed"``: depends on two or more, or on a frozen value — decomposed into M+1 components;
-- ``"frozen"``: a discrete function of a mixed value (comparison mask, argmax, pool indices):
-  not decomposed, but an operating-point constant, so a frozen operating point fixes it.
+- ``"frozen"``: a discrete function of a mixed value (comparison mask, argmax, pool indices),
+  or a value its rule makes an operating-point constant (``meta["lmd_constant"]``, pass
+  ``constant_outputs``): not decomposed, fixed by a frozen operating point.
 """
 
 from __future__ import annotations
@@ -48,11 +49,15 @@ def provenance(gm: fx.GraphModule, modality_params: Sequence[str]) -> fx.GraphMo
         elif "mixed" in kinds or len(live) >= 2:
             kind = "frozen" if op in DISCRETE_OPS else "mixed"
         elif "frozen" in kinds:
-            # A frozen value combined with one modality is decomposed (the frozen value is a
-            # constant of that computation); combined with context only, it stays frozen.
-            kind = "mixed" if live and op not in DISCRETE_OPS else "frozen"
+            # A frozen value combined with one modality's (non-discrete) value is decomposed:
+            # the frozen value is a constant of that computation. Combined with context or a
+            # discrete value (a mask from token ids) only, it stays frozen.
+            values = any(n.meta["lmd_kind"] == "pure" and not n.meta.get("lmd_discrete") for n in inputs)
+            kind = "mixed" if values and op not in DISCRETE_OPS else "frozen"
         else:
             kind = "pure" if sources else "context"
+        if kind == "mixed" and node.meta.get("lmd_constant"):  # pass constant_outputs
+            kind = "frozen"
         if kind == "context":
             sources = frozenset()
         node.meta["lmd_provenance"] = sources

@@ -50,12 +50,13 @@ def constant_components(value: Any, k: int) -> torch.Tensor | None:
     return lift(value, BIAS, k) if isinstance(value, torch.Tensor) else None
 
 
-def residual(check: bool, frozen: dict | None, stack: Any, value: Any) -> torch.Tensor | None:
-    """The equality check of one node at the operating point, as float64
-    ``[max |Σ components − value|, max |value|, Σ_k max |component k|, dtype eps, derived]``
-    (maxima over elements; the third bounds max Σ|components|). ``value=None``: the node's value
-    is the sum of its components (``derived`` = 1): only the cancellation can be measured.
-    Equal infinities count as exact (an additive ``-inf`` mask); a NaN residual means a value or
+def residual(check: bool, frozen: dict | None, stack: Any, value: Any) -> tuple | None:
+    """The equality check of one node at the operating point: ``(error, scale, per_component)``
+    = (max |Σ components − value|, max |value|, max |component k| for each k), 0-d tensors and
+    a ``[K]`` tensor, read by ``Report.update_residuals`` in one batch after the call (a few
+    kernels per node and no device sync here). ``value=None``: the node's value is the sum of
+    its components (``error`` is None): only the cancellation can be measured. Equal
+    infinities count as exact (an additive ``-inf`` mask); a NaN error means a value or
     component is not finite; an infinite max|value| means the value holds ``±inf``."""
     if not check or frozen is not None or not isinstance(stack, torch.Tensor) or stack[0].numel() == 0:
         return None
@@ -67,15 +68,13 @@ def residual(check: bool, frozen: dict | None, stack: Any, value: Any) -> torch.
     if not value.is_floating_point():
         return None
     inf = float("inf")
-    if derived:
-        error = value.new_zeros(())
-    else:
+    error = None
+    if not derived:
         total = stack.sum(0)
         error = torch.linalg.vector_norm(torch.where(total == value, 0.0, total - value), inf)
-    stats = torch.stack([error, torch.linalg.vector_norm(value, inf),
-                         torch.linalg.vector_norm(stack.reshape(stack.shape[0], -1), inf, dim=1).sum()]).detach()
-    return torch.cat([stats.double(), stats.new_tensor([torch.finfo(value.dtype).eps, float(derived)],
-                                                       dtype=torch.float64)])
+    per_component = (torch.linalg.vector_norm(stack, inf, dim=tuple(range(1, stack.dim())))
+                     if stack.dim() > 1 else stack.abs())
+    return error, torch.linalg.vector_norm(value, inf), per_component
 
 
 @dataclass
@@ -121,6 +120,19 @@ def component_sum(stack: Any) -> Any:
     return pytree.tree_map(lambda t: t.sum(0) if isinstance(t, torch.Tensor) else t, stack)
 
 
+def read_components(gm: fx.GraphModule, record: dict[str, fx.Node]) -> set[fx.Node]:
+    """The mixed nodes whose components something reads: an output, a recorded layer, or a
+    mixed node that reads them. Scores that only feed frozen softmax weights are not among
+    them (only their value is needed)."""
+    read: set[fx.Node] = set(record.values())
+    for node in reversed(gm.graph.nodes):
+        if node.op == "output":
+            read.update(n for n in node.all_input_nodes)
+        elif node in read and node.meta.get("lmd_kind") == "mixed":
+            read.update(node.all_input_nodes)
+    return {node for node in read if node.meta.get("lmd_kind") == "mixed"}
+
+
 def rewrite(gm: fx.GraphModule, modality_names: Sequence[str], record: dict[str, fx.Node],
             trunk_mode: str = "exact") -> tuple[fx.GraphModule, Layout]:
     """``trunk_mode="exact"``: the trunk is the original graph. ``"sum"``: the trunk value of a
@@ -160,8 +172,10 @@ def rewrite(gm: fx.GraphModule, modality_names: Sequence[str], record: dict[str,
 
     def as_components(node: Any) -> Any:
         """A value as a component stack, for outputs and records (None if not a tensor value)."""
-        if not isinstance(node, fx.Node) or node.meta.get("lmd_kind") == "frozen" or node.meta.get("lmd_discrete"):
+        if not isinstance(node, fx.Node) or node.meta.get("lmd_discrete"):
             return None
+        if node.meta.get("lmd_kind") == "frozen":  # an operating-point constant: the bias's, if a value
+            return graph.call_function(lift, (view(node), BIAS, k)) if node.meta.get("lmd_constant") else None
         if node.meta["lmd_kind"] == "context":
             return graph.call_function(constant_components, (reference(node), k))
         return view(node)
@@ -174,6 +188,7 @@ def rewrite(gm: fx.GraphModule, modality_names: Sequence[str], record: dict[str,
             trunk[node] = graph.call_function(component_sum, (summed[node],))
         return trunk[node]
 
+    branched = read_components(gm, record)
     output_node = None
     for node in gm.graph.nodes:
         if node.op == "placeholder":
@@ -181,15 +196,16 @@ def rewrite(gm: fx.GraphModule, modality_names: Sequence[str], record: dict[str,
         if node.op == "output":
             output_node = node
             break
-        by_sum = (trunk_mode == "sum" and node.meta.get("lmd_kind") == "mixed"
+        if "lmd_rule" in node.meta:  # every rule, for dec.report() and tests, also those of frozen nodes
+            rules[rule_key(node.name)] = node.meta["lmd_rule"]
+        by_sum = (trunk_mode == "sum" and node in branched
                   and node.meta["lmd_rule"].summable and node.meta["lmd_rule"].verified)
         if not by_sum:
             trunk[node] = graph.node_copy(node, reference)
-        if node.meta.get("lmd_kind") != "mixed":
+        if node not in branched:
             continue
         rule = node.meta["lmd_rule"]
         key = rule_key(node.name)
-        rules[key] = rule
         stacked_args = fx.node.map_arg(node.args, view)
         stacked_kwargs = fx.node.map_arg(dict(node.kwargs), view)
         constant = None
@@ -206,9 +222,12 @@ def rewrite(gm: fx.GraphModule, modality_names: Sequence[str], record: dict[str,
         stack.meta.update(lmd_branch_of=node.name)
         views[node] = stack
         if by_sum:
+            summed[node] = stack
+        if rule.moves_values:
+            continue  # its components sum to its value wherever its input's did
+        if by_sum:
             # Its value is its own sum: nothing to compare, but how much the components cancel
             # bounds how far that sum can be from the model's value.
-            summed[node] = stack
             residuals[node.name] = graph.call_function(residual, (check, frozen, stack, None))
             continue
         residuals[node.name] = graph.call_function(residual, (check, frozen, stack, trunk[node]))
@@ -227,4 +246,5 @@ def rewrite(gm: fx.GraphModule, modality_names: Sequence[str], record: dict[str,
     graph.output(result)
     setattr(gm, RULES_ATTR, rules)
     rewritten = fx.GraphModule(gm, graph, class_name="Decomposed" + type(gm).__name__)
+    setattr(rewritten, RULES_ATTR, rules)  # all of them, also the rules no branch calls
     return rewritten, Layout(output_spec=spec, modality_names=tuple(modality_names), recorded=tuple(record))

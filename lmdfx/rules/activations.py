@@ -122,6 +122,7 @@ class FreezeRule(Rule):
 
     name = "freeze"
     has_operating_point = True
+    constant_output = True  # the node is frozen (pass constant_outputs): forward runs only if called directly
 
     def operating_point(self, out, args, kwargs, stacked_args, stacked_kwargs):
         return {"value": out}

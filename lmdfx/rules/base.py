@@ -119,11 +119,15 @@ def add_to_bias_(stack: torch.Tensor, constant: torch.Tensor | float) -> torch.T
     """``add_to_bias`` in place, for a stack the caller has just computed and owns: it saves
     copying the M modality components (a concatenation) on every affine rule."""
     bias = stack[BIAS]
-    if isinstance(constant, torch.Tensor) and (
-            torch.broadcast_shapes(bias.shape, constant.shape) != bias.shape or constant.dtype != bias.dtype):
+    if isinstance(constant, torch.Tensor) and (constant.dtype != bias.dtype or not fits(constant.shape, bias.shape)):
         return add_to_bias(stack, constant)
     bias.add_(constant)
     return stack
+
+
+def fits(shape: torch.Size, target: torch.Size) -> bool:
+    """Whether ``shape`` broadcasts to ``target`` without growing it (an in-place add fits)."""
+    return len(shape) <= len(target) and all(a in (1, b) for a, b in zip(reversed(shape), reversed(target)))
 
 
 def bind(params: tuple[tuple[str, Any], ...], args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -151,9 +155,17 @@ class Rule(nn.Module):
     # so the node's value is the sum of its components (the trunk may be computed that way);
     # ``tangent``: each modality component is the op's tangent map J·D_k (checked against jvp);
     # ``separates``: at a frozen operating point a component depends on its own modality only.
+    # ``moves_values``: every output element of every component is an element of the same
+    # component of an input, or zero (views, transposes, selections, concatenations), so the
+    # components sum to the value exactly where they did at the input: the node needs no
+    # equality check of its own (the registry-driven tests check the sums bit for bit).
     summable = False
     tangent = False
     separates = True
+    moves_values = False
+    # ``constant_output``: the whole output is an operating-point constant (frozen softmax
+    # weights): the node is treated as frozen, so nothing downstream sees components of it.
+    constant_output = False
     # Argument positions (index or keyword name) that may carry a decomposed value, per op.
     slots: tuple[int | str, ...] = (0, "input", "self")
     op_slots: dict[str, tuple[int | str, ...]] = {}

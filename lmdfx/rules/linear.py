@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
-from .base import BIAS, NodeRef, OpCall, Rule, add_to_bias_, as_bias_stack, bind, first_decomposed, lift
+from .base import BIAS, NodeRef, OpCall, Rule, add_to_bias_, as_bias_stack, bind, first_decomposed, fits, lift
 from .registry import register
+from .stacked import aligned, broadcasts, matmul_broadcasts, on_stack
 
 # Ops that multiply their operands: linear in either operand when only one is decomposed (a
 # product of two decomposed values is the ``product`` family's).
@@ -39,6 +40,14 @@ _BATCH_FIRST = {
     "avg_pool1d": 1, "avg_pool2d": 2, "avg_pool3d": 3,
     "adaptive_avg_pool1d": 1, "adaptive_avg_pool2d": 2, "adaptive_avg_pool3d": 3,
 }
+# Ops whose output elements are input elements (or zeros): Rule.moves_values.
+MOVES = ("view", "reshape", "permute", "transpose", "t", "flatten", "unflatten", "squeeze", "unsqueeze", "expand",
+         "expand_as", "repeat", "repeat_interleave", "tile", "movedim", "narrow", "select", "index_select", "gather",
+         "take_along_dim", "chunk", "split", "tensor_split", "unbind", "flip", "fliplr", "flipud", "roll", "rot90",
+         "neg", "pixel_shuffle", "pixel_unshuffle", "pad", "diagonal", "tril", "triu", "real", "T", "mT",
+         "as_strided", "slice", "index")
+# Ops on each element alone (casts, negation): a stack goes through them as it is.
+ELEMENTWISE = ("neg", "to", "float", "double", "half", "bfloat16", "type", "type_as", "real")
 IDENTITY = ("contiguous", "clone", "detach", "dropout", "alpha_dropout", "feature_alpha_dropout",
             "dropout1d", "dropout2d", "dropout3d", "positive", "resolve_conj", "resolve_neg")
 # Ops linear jointly in several operands (summands), with the argument positions of those.
@@ -47,6 +56,7 @@ SUMMANDS: dict[str, tuple[int, ...]] = {
     "slice_scatter": (0, 1), "diagonal_scatter": (0, 1), "index_put": (0, 2),
 }
 ADDITIVE = (*SUMMANDS, "cat", "stack", "hstack", "vstack")
+SCATTERS = ("select_scatter", "slice_scatter", "diagonal_scatter", "index_put")
 
 
 @register("linear", ops=STRUCTURAL)
@@ -58,6 +68,10 @@ class LinearRule(Rule):
     tangent = True
     # Only the first operand is linear: a decomposed divisor, grid, index or shape source is not.
     op_slots = MULTIPLICATIVE_SLOTS
+
+    @property
+    def moves_values(self) -> bool:
+        return self.call.op in MOVES
 
     @classmethod
     def supports(cls, call: OpCall) -> bool:
@@ -82,11 +96,38 @@ class LinearRule(Rule):
             if stack.dim() >= 4 and (spatial == 0 or stack.dim() == spatial + 3):
                 out = self.call.invoke((stack.flatten(0, 1), *args[1:]), kwargs)
                 return out.unflatten(0, stack.shape[:2])
+        if args and self.call.decomposed[0] and isinstance(args[0], torch.Tensor):
+            out = self._at_once(args[0], args[1:], kwargs)
+            if out is not None:
+                return out
+        elif len(args) == 2 and self.call.decomposed[1] and isinstance(args[1], torch.Tensor):
+            out = self._constant_first(args[0], args[1], kwargs)
+            if out is not None:
+                return out
         if self.call.op == "view" and args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
             # A view that the model's own (contiguous) value allows may not fit each component of
             # a permuted stack (a transpose then .contiguous() that export records as a clone).
             args = (args[0].contiguous(), *args[1:])
         return self.vmap_call(args, kwargs)
+
+
+    def _at_once(self, stack: torch.Tensor, rest: tuple, kwargs: dict) -> Any:
+        """The op on the whole stack in one call (its first argument decomposed), or None."""
+        op = self.call.op
+        if op in ELEMENTWISE or (op == "div" and "rounding_mode" not in kwargs) or op == "mul":
+            return self.call.invoke((stack, *rest), kwargs) if broadcasts(stack, *rest, *kwargs.values()) else None
+        if op in ("matmul", "mm", "bmm") and len(rest) == 1 and not kwargs and isinstance(rest[0], torch.Tensor):
+            return torch.matmul(stack, rest[0]) if matmul_broadcasts(stack, rest[0], stack_first=True) else None
+        return on_stack(op, stack, rest, kwargs)
+
+    def _constant_first(self, constant: Any, stack: torch.Tensor, kwargs: dict) -> Any:
+        """``c * x`` or ``C @ x`` with the second operand decomposed, at once, or None."""
+        op = self.call.op
+        if op == "mul" and broadcasts(stack, constant, *kwargs.values()):
+            return self.call.invoke((constant, stack), kwargs)
+        if op in ("matmul", "mm", "bmm") and not kwargs and isinstance(constant, torch.Tensor):
+            return torch.matmul(constant, stack) if matmul_broadcasts(stack, constant, stack_first=False) else None
+        return None
 
 
 @register("getitem", ops=("getitem",))
@@ -96,13 +137,15 @@ class GetItemRule(Rule):
     name = "getitem"
     summable = True
     tangent = True
+    moves_values = True
     slots = (0,)
 
     def forward(self, constants: Any, args: tuple, kwargs: dict) -> Any:
         container, index = args
         if isinstance(container, (tuple, list)):
             return container[index]
-        return self.vmap_call(args, kwargs)
+        out = on_stack("getitem", container, (index,), kwargs)
+        return out if out is not None else self.vmap_call(args, kwargs)
 
 
 @register("identity", ops=IDENTITY)
@@ -112,6 +155,7 @@ class IdentityRule(Rule):
 
     name = "identity"
     summable = True
+    moves_values = True
 
     @property
     def tangent(self) -> bool:
@@ -186,6 +230,10 @@ class AdditiveRule(Rule):
         ]
 
     @property
+    def moves_values(self) -> bool:
+        return self.call.op in ("cat", "stack", "hstack", "vstack")
+
+    @property
     def concatenates(self) -> bool:
         """A ``cat`` along one axis (pass ``structural_zeros`` reads it)."""
         return self.call.op == "cat"
@@ -193,11 +241,41 @@ class AdditiveRule(Rule):
     def forward(self, constants: Any, args: tuple, kwargs: dict) -> Any:
         if self.call.op == "add" and isinstance(args[0], (tuple, list)):
             return _concatenate_containers(args, self.call.args)
+        if self.call.op in ("add", "sub") and len(args) == 2 and not kwargs:
+            out = _plus_or_minus(self.call.op, *args, *self.call.decomposed)
+            if out is not None:
+                return out
         op, summands = self.as_function(args, kwargs, self.summand_positions)
         like = first_decomposed(args, kwargs, self.call.decomposed)
         flags = [self.call.decomposed[i] for i in self.summand_positions]
         lifted = [s if flag else as_bias_stack(s, like) for s, flag in zip(summands, flags)]
+        if self.call.op in ("cat", "stack"):
+            dim = bind(_CAT, args, kwargs)["dim"]
+            if isinstance(dim, int):  # the component axis stays in front
+                return getattr(torch, self.call.op)(lifted, dim + 1 if dim >= 0 else dim)
+        elif self.call.op in SUMMANDS and self.call.op not in SCATTERS:
+            # Element-wise: the stacks broadcast against each other as their components do.
+            lifted = aligned(lifted)
+            others = [leaf for i, leaf in enumerate(pytree.tree_leaves((args, kwargs))) if i not in self.summand_positions]
+            if broadcasts(lifted[0], *others):
+                return op(*lifted)
         return torch.vmap(op)(*lifted)
+
+
+def _plus_or_minus(op: str, x: Any, y: Any, x_decomposed: bool, y_decomposed: bool) -> torch.Tensor | None:
+    """``x + y`` or ``x - y`` of stacks, or of a stack and a constant that goes to the bias
+    component, at once; None where the constant would broadcast a component to a larger
+    shape (the generic path handles that)."""
+    if x_decomposed and y_decomposed:
+        x, y = aligned([x, y])
+        return x + y if op == "add" else x - y
+    stack, constant = (x, y) if x_decomposed else (y, x)
+    if isinstance(constant, torch.Tensor) and (constant.dtype != stack.dtype or not fits(constant.shape, stack.shape[1:])):
+        return None
+    out = stack.clone() if op == "add" or x_decomposed else -stack
+    bias = out[BIAS]
+    bias.sub_(constant) if op == "sub" and x_decomposed else bias.add_(constant)
+    return out
 
 
 def _concatenate_containers(args: tuple, template: tuple) -> tuple | list:

@@ -25,6 +25,7 @@ from ..ops import GATES
 from .base import BIAS, NodeRef, OpCall, Rule
 from .linear import MULTIPLICATIVE, MULTIPLICATIVE_SLOTS
 from .registry import register
+from .stacked import broadcasts, matmul_broadcasts
 
 
 def _shapley(op: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -51,6 +52,20 @@ class _BinaryProduct(Rule):
         """The op as a function of its two decomposed operands, and those operands."""
         op, (x, y) = self.as_function(args, kwargs)
         return op, x, y
+
+    def _with_frozen(self, op: Any, x: torch.Tensor, y: torch.Tensor, constants: dict) -> torch.Tensor:
+        """The product with one operand frozen at its operating-point value (``constants``),
+        linear in the other operand's stack: at once where the op broadcasts over the
+        component axis, else per component (vmap)."""
+        frozen, first = constants["frozen"], constants["first"]
+        stack = y if first else x
+        if self.call.op == "mul" and broadcasts(stack, frozen):
+            return op(frozen, stack) if first else op(stack, frozen)
+        if self.call.op in ("matmul", "mm", "bmm") and matmul_broadcasts(stack, frozen, stack_first=not first):
+            return torch.matmul(frozen, stack) if first else torch.matmul(stack, frozen)
+        if first:
+            return torch.vmap(op, in_dims=(None, 0))(frozen, stack)
+        return torch.vmap(op, in_dims=(0, None))(stack, frozen)
 
 
 @register("product", "shapley", ops=MULTIPLICATIVE)
@@ -80,9 +95,7 @@ class FreezeProductRule(_BinaryProduct):
 
     def forward(self, constants: dict, args: tuple, kwargs: dict) -> torch.Tensor:
         op, x, y = self._bilinear(args, kwargs)
-        if constants["first"]:
-            return torch.vmap(op, in_dims=(None, 0))(constants["frozen"], y)
-        return torch.vmap(op, in_dims=(0, None))(x, constants["frozen"])
+        return self._with_frozen(op, x, y, constants)
 
 
 def _gate_operand(call: OpCall) -> int | None:
@@ -122,6 +135,4 @@ class GateProductRule(_BinaryProduct):
         op, x, y = self._bilinear(args, kwargs)
         if constants["frozen"] is None:
             return _shapley(op, x, y)
-        if constants["first"]:
-            return torch.vmap(op, in_dims=(None, 0))(constants["frozen"], y)
-        return torch.vmap(op, in_dims=(0, None))(x, constants["frozen"])
+        return self._with_frozen(op, x, y, constants)
