@@ -143,6 +143,8 @@ def _add_study(sub: Any, common: argparse.ArgumentParser) -> None:
                        help=f"comma-separated sensor-world models (default {','.join(STUDY_MODELS)})")
     study.add_argument("--grid", default="ofat", help=f"rule grid: {' or '.join(GRIDS)} (default ofat: one factor at "
                                                       "a time around the defaults; full: all 36 combinations)")
+    study.add_argument("--jobs", type=_positive, default=2,
+                       help="models studied at once, each in a process of one torch thread (default 2)")
     study.add_argument("--no-progress", action="store_true", help="no progress bars")
     study.set_defaults(func=_cmd_study)
 
@@ -335,7 +337,8 @@ def _cmd_study(args: argparse.Namespace) -> int:
     from lmdfx.bev import study  # figures and the sensor world: only the study needs them
 
     # study.run checks --out, --scenes, --models and --grid (and matplotlib) before it builds anything
-    study.run(args.out, args.scenes, args.quick, args.models, args.grid, progress=not args.no_progress)
+    study.run(args.out, args.scenes, args.quick, args.models, args.grid, progress=not args.no_progress,
+              jobs=args.jobs)
     return 0
 
 

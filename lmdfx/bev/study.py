@@ -22,9 +22,12 @@ import importlib.util
 import itertools
 import json
 import math
+import multiprocessing
+import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Optional, Sequence
@@ -35,16 +38,17 @@ from torch import nn
 
 import lmdfx
 from lmdfx.bev import viz
-from lmdfx.bev.attribution import AttributionScore, attribution_score, shapley_maps
+from lmdfx.bev.attribution import AttributionScore, attribution_score
 from lmdfx.bev.data.sensor_world import SENSORS, Scene, SensorWorld
 from lmdfx.bev.evaluation import GT_KEY, HEAD, VALID_KEY, ComponentIoU, evaluate
 from lmdfx.bev.files import check_out_folder, write_text
 from lmdfx.bev.registry import MODELS, build_model
 from lmdfx.errors import LMDError
-from lmdfx.metrics import Sample, progress_bar, select
+from lmdfx.metrics import Sample, modality_shapley, progress_bar, select
 
-__all__ = ["SEED", "DEFAULT_SCENES", "QUICK_SCENES", "STUDY_MODELS", "GRIDS", "rule_sets", "taylor_everywhere",
-           "bootstrap_ci", "score_intervals", "format_score", "TABLE4_LABELS", "FusedBEV", "camera_bev", "check_fused", "occlusion_maps", "check_arguments", "run"]
+__all__ = ["SEED", "DEFAULT_SCENES", "QUICK_SCENES", "STUDY_MODELS", "GRIDS", "REFERENCES", "TABLE4_LABELS",
+           "rule_sets", "taylor_everywhere", "bootstrap_ci", "score_intervals", "format_score", "FusedBEV",
+           "ReferencedBEV", "camera_bev", "check_fused", "occlusion_maps", "check_arguments", "run"]
 
 #: Unseen scenes: training used seeds 0 (train) and 1 (validation), as for the demo.
 SEED = 2
@@ -54,9 +58,9 @@ DEFAULT_SCENES = 144
 #: ``--quick``: a smoke run (intervals of ±15–25 points).
 QUICK_SCENES = 16
 #: Scenes of the separation protocol (a binary property at rounding level; the first scenes).
-SEPARATION_SCENES = 16
+SEPARATION_SCENES = 8
 #: Scenes (batch 1, full model) whose CPU time gives the cost column.
-COST_SCENES = 3
+COST_SCENES = 2
 #: Scenes per batched reference call of the fused part.
 BATCH = 8
 #: The models of the study: the shipped one and two with another sensor balance.
@@ -389,21 +393,22 @@ def _maps_row(name: str, kind: str, maps: torch.Tensor, output: torch.Tensor, da
 
 def _baselines(fused: nn.Module, data: _Data, scenes: _Scenes, progress: bool) -> list[tuple[dict, Any]]:
     n = len(data.items)
-    dec = lmdfx.compile(fused, fused.modality_args)  # shapley_maps runs dec.model on the coalitions
     rows = []
-    zero = {"cam_bev": data.blank_cam[0], "radar_bev": torch.zeros_like(data.radar[0])}
-    mean = {"cam_bev": data.mean_cam[0], "radar_bev": data.radar.mean(0)}
+    zero = {"cam_bev": data.blank_cam, "radar_bev": torch.zeros_like(data.radar[:1])}
+    mean = {"cam_bev": data.mean_cam, "radar_bev": data.radar.mean(0, keepdim=True)}
+    chunks = [range(s, min(s + BATCH, n)) for s in range(0, n, BATCH)]
     with torch.no_grad():
-        output = torch.cat([select(fused(**data.inputs(range(s, min(s + BATCH, n)))), HEAD)[:, 0]
-                            for s in range(0, n, BATCH)])
+        output = torch.cat([select(fused(**data.inputs(ks)), HEAD)[:, 0] for ks in chunks])
     for label, base in (("zero", zero), ("mean-input", mean)):
-        shap = shapley_maps(dec, baseline=base)
-        maps = torch.stack([shap({"cam_bev": data.cam[k], "radar_bev": data.radar[k]}).float()
-                            for k in progress_bar(range(n), progress, f"Shapley ({label})", unit="scene")])
-        rows.append(_maps_row(f"Shapley, {label} baseline", "shapley", maps, output, data, scenes,
-                              {"exactness": {"sums_to": f"output − output at the {label} baseline"}}))
-    blank = {k: v[None] for k, v in zero.items()}
-    occ = torch.stack([occlusion_maps(fused, data.inputs([k]), blank)[:, 0, 0] for k in range(n)])
+        # exact two-sensor Shapley values, the 4 coalitions of BATCH scenes in one forward pass
+        maps = torch.cat([modality_shapley(fused, data.inputs(ks), {k: v.expand(len(ks), *v.shape[1:])
+                                                                     for k, v in base.items()}, head=HEAD).values
+                          for ks in progress_bar(chunks, progress, f"Shapley ({label})", unit="batch")], dim=1)
+        rows.append(_maps_row(f"Shapley, {label} baseline", "shapley", maps[:, :, 0].transpose(0, 1).float(), output,
+                              data, scenes, {"exactness": {"sums_to": f"output − output at the {label} baseline"}}))
+    occ = torch.cat([occlusion_maps(fused, data.inputs(ks), {k: v.expand(len(ks), *v.shape[1:])
+                                                               for k, v in zero.items()})[:, :, 0]
+                     for ks in chunks], dim=1).transpose(0, 1)
     rows.append(_maps_row("occlusion (drop one sensor)", "occlusion", occ, output, data, scenes,
                           {"exactness": {"sums_to": "not additive"}}))
     rows += _captum_rows(fused, data, scenes, progress)
@@ -420,23 +425,24 @@ def _captum_rows(fused: nn.Module, data: _Data, scenes: _Scenes, progress: bool)
 
     records: dict[str, list] = {n: [] for n in names}
     deeplift_model = _single_use_relus(fused)
-    for k in progress_bar(range(len(data.items)), progress, "Captum", unit="scene"):
-        scene = scenes.scene(k)
-        singles = [(j, o) for j, o in enumerate(scene.objects) if o.single_sensor is not None and o.mask.any()]
+    n = len(data.items)
+    for start in progress_bar(range(0, n, BATCH), progress, "Captum", unit="batch"):
+        # every single-sensor vehicle of BATCH scenes: one batch entry each (its scene's inputs, its footprint)
+        singles = [(k, j, o) for k in range(start, min(start + BATCH, n))
+                   for j, o in enumerate(scenes.scene(k).objects) if o.single_sensor is not None and o.mask.any()]
         if not singles:
             continue
-        masks = torch.stack([torch.from_numpy(o.mask).float() for _, o in singles])  # [V, Z, X]
-        target = _VehicleMeans(deeplift_model, masks)
-        v = len(singles)
-        inputs = (data.cam[k:k + 1].expand(v, -1, -1, -1).clone(), data.radar[k:k + 1].expand(v, -1, -1, -1).clone())
-        base = (data.blank_cam.expand(v, -1, -1, -1).clone(), torch.zeros_like(inputs[1]))
+        ks = [k for k, _, _ in singles]
+        target = _VehicleMeans(deeplift_model, torch.stack([torch.from_numpy(o.mask).float() for *_, o in singles]))
+        inputs = (data.cam[ks].clone(), data.radar[ks].clone())
+        base = (data.blank_cam.expand(len(ks), -1, -1, -1).clone(), torch.zeros_like(inputs[1]))
         for name, attr in ((names[0], lambda: DeepLift(target).attribute(inputs, baselines=base)),
                            (names[1], lambda: InputXGradient(target).attribute(inputs))):
             with warnings.catch_warnings():  # captum announces its hooks and that it enabled gradients
                 warnings.simplefilter("ignore", UserWarning)
                 parts = attr()
             values = torch.stack([p.detach().flatten(1).sum(1) for p in parts], 1).double()  # [V, M]
-            for (j, obj), means in zip(singles, values):
+            for (k, j, obj), means in zip(singles, values):
                 best = int(means.argmax())
                 records[name].append(dict(scene=k, object=j, sensor=obj.single_sensor,
                                           dominant=SENSORS[best] if means[best] > 0 else None,
@@ -492,9 +498,13 @@ class _VehicleMeans(nn.Module):
 # ---------------------------------------------------------------------------
 # One model
 # ---------------------------------------------------------------------------
-def _disagreements(lmd: AttributionScore, shap: AttributionScore, scenes: _Scenes) -> list[dict]:
-    """Single-sensor vehicles where LMD (default rules) and Shapley (zero baseline) name different sensors."""
+def _disagreements(lmd: AttributionScore, shap: AttributionScore, scenes: _Scenes,
+                   scores: dict[str, Optional[AttributionScore]]) -> list[dict]:
+    """Single-sensor vehicles where LMD (default rules) and Shapley (zero baseline) name different sensors,
+    with every method's values there (``by_method``: method -> sensor -> mean over the footprint)."""
     by_vehicle = {(r["scene"], r["object"]): r for r in shap.records}
+    values = {name: {(r["scene"], r["object"]): r["means"] for r in score.records}
+              for name, score in scores.items() if score is not None}
     rows = []
     for r in lmd.records:
         s = by_vehicle[(r["scene"], r["object"])]
@@ -503,13 +513,35 @@ def _disagreements(lmd: AttributionScore, shap: AttributionScore, scenes: _Scene
             rows.append({"scene": r["scene"], "vehicle": r["object"], "sensor": r["sensor"],
                          "center_m": [round(float(c), 1) for c in obj.center], "camera_pixels": obj.camera_pixels,
                          "radar_points": obj.radar_points, "lmd": r["means"], "lmd_names": r["dominant"],
-                         "shapley": s["means"], "shapley_names": s["dominant"]})
+                         "shapley": s["means"], "shapley_names": s["dominant"],
+                         "by_method": {name: v[(r["scene"], r["object"])] for name, v in values.items()}})
     return rows
 
 
-def _study_model(spec: str, weights: Optional[str], grid: dict[str, dict], scenes: _Scenes, costs: dict,
-                 progress: bool) -> dict:
-    """Every row for one model (``costs``: rule set -> cost, measured once: the architecture is shared)."""
+def _rules(name: str, fields: dict[str, str], fused: nn.Module) -> lmdfx.Rules:
+    """The ``Rules`` of a grid row (``reference`` is not a Rules field)."""
+    if name == TAYLOR:
+        return taylor_everywhere(lmdfx.compile(fused, fused.modality_args))
+    return lmdfx.Rules(**{k: v for k, v in fields.items() if k != "reference"})
+
+
+def _costs(spec: str, grid: dict[str, dict], scenes: _Scenes) -> dict[str, dict]:
+    """Rule set -> cost on model ``spec`` (the study's models share one architecture, so one model
+    gives the column). A reference adds one addition to the model: its row costs its rules'."""
+    model, _, _ = build_model(spec)
+    fused = FusedBEV(model).eval()
+    by_rules: dict[str, dict] = {}
+    out = {}
+    for name, fields in grid.items():
+        key = _name({k: v for k, v in fields.items() if k != "reference"}) if "reference" in fields else name
+        if key not in by_rules:
+            by_rules[key] = _cost(model, _rules(name, fields, fused), scenes)
+        out[name] = by_rules[key]
+    return out
+
+
+def _study_model(spec: str, weights: Optional[str], grid: dict[str, dict], scenes: _Scenes, progress: bool) -> dict:
+    """Every row for one model, but the cost column (:func:`_costs`)."""
     start = time.time()
     model, _, _ = build_model(spec, weights)
     fused = FusedBEV(model).eval()
@@ -519,18 +551,11 @@ def _study_model(spec: str, weights: Optional[str], grid: dict[str, dict], scene
     referenced = ReferencedBEV(model).eval()
     for name, fields in grid.items():
         t = time.time()
-        default_dec = lmdfx.compile(fused, fused.modality_args) if name == TAYLOR else None
-        rules = taylor_everywhere(default_dec) if name == TAYLOR else lmdfx.Rules(
-            **{k: v for k, v in fields.items() if k != "reference"})
+        rules = _rules(name, fields, fused)
         reference = fields.get("reference")
         net, inputs = (referenced, data.against(reference)) if reference else (fused, data)
         row, scores[name] = _lmd_row(name, rules, net, inputs, scenes, progress)
         row["rules"]["reference"] = reference or "zero"
-        # a reference adds one addition to the model: the cost of the same rules without one
-        key = _name({k: v for k, v in fields.items() if k != "reference"}) if reference else name
-        if key not in costs:
-            costs[key] = _cost(model, rules, scenes)
-        row["cost"] = costs[key]
         row["seconds"] = round(time.time() - t, 1)
         rows.append(row)
     for row, score in _baselines(fused, data, scenes, progress):
@@ -540,7 +565,7 @@ def _study_model(spec: str, weights: Optional[str], grid: dict[str, dict], scene
     lmd = scores.get(DEFAULT, next(iter(scores.values())))
     return {"model": spec, "weights": weights, "meta": dict(getattr(model, "world_meta", {})),
             "fused_check_relative_difference": check, "rows": rows,
-            "disagreements": _disagreements(lmd, shap, scenes) if shap is not None else [],
+            "disagreements": _disagreements(lmd, shap, scenes, scores) if shap is not None else [],
             "seconds": round(time.time() - start, 1)}
 
 
@@ -578,13 +603,14 @@ def _table(model: dict) -> list[str]:
         mse = [_g(sep["entries"][x]["mse"]) for x in labels] if sep else ["–"] * 4
         att = row["attribution"]
         iou = row.get("iou")
-        iou_text = " / ".join(f"{100 * iou[k]:.1f}" if k in iou else "–" for k in ("camera", "radar", "bias", "full")) \
-            if iou else "–"
+        parts = ("camera", "radar", "bias", "full")
+        iou_text = " / ".join(f"{100 * iou[k]:.1f}" if k in iou else "–" for k in parts) if iou else "–"
         cost = f"{row['cost']['ratio']:.2f}" if "cost" in row else "–"
         exact = row["exactness"]
         residual = _g(exact["max_relative_residual"]) if "max_relative_residual" in exact else exact["sums_to"]
-        lines.append(f"| {row['method']} | " + " | ".join(pcc + mse) + f" | {format_score(att['camera-only'])} | "
-                     f"{format_score(att['radar-only'])} | {format_score(att['all'])} | {iou_text} | {cost} | {residual} |")
+        scores = " | ".join(format_score(att[group]) for group in ("camera-only", "radar-only", "all"))
+        cells = " | ".join([row["method"], *pcc, *mse, scores, iou_text, cost, residual])
+        lines.append(f"| {cells} |")
     return lines
 
 
@@ -631,8 +657,8 @@ def _figure(record: dict, path: Path) -> Path:
             entry = row["attribution"]["all"]
             lo, hi = entry["ci95"]
             colour = {"lmd": "tab:blue", "shapley": "tab:orange", "occlusion": "tab:green"}.get(row["kind"], "tab:gray")
-            ax.errorbar([100 * entry["score"]], [y], xerr=[[100 * (entry["score"] - lo)], [100 * (hi - entry["score"])]],
-                        fmt="o", color=colour, capsize=3)
+            low, high = 100 * (entry["score"] - lo), 100 * (hi - entry["score"])
+            ax.errorbar([100 * entry["score"]], [y], xerr=[[low], [high]], fmt="o", color=colour, capsize=3)
         ax.axvline(90, color="k", lw=0.6, ls="--")
         ax.set_yticks(range(len(methods)))
         ax.set_yticklabels(methods if m == 0 else [""] * len(methods), fontsize=7)
@@ -648,7 +674,7 @@ def _figure(record: dict, path: Path) -> Path:
 # Entry point
 # ---------------------------------------------------------------------------
 def check_arguments(out: str | Path, scenes: int, models: Sequence[str], grid: str,
-                    methods: Optional[Sequence[str]] = None) -> Path:
+                    methods: Optional[Sequence[str]] = None, jobs: int = 1) -> Path:
     """Check the study's arguments before anything is built; returns the output folder.
 
     ``scenes`` ≥ 2 (separation pairs scenes), ``models`` registered world models, ``grid`` one of
@@ -660,6 +686,8 @@ def check_arguments(out: str | Path, scenes: int, models: Sequence[str], grid: s
     if isinstance(scenes, bool) or not isinstance(scenes, int) or scenes < 2:
         raise LMDError(f"--scenes must be an integer of 2 or more (the separation protocol pairs each scene with "
                        f"another), got {scenes!r}.")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise LMDError(f"--jobs must be a positive integer (models studied at once), got {jobs!r}.")
     world = [m for m in MODELS if m.startswith("simplebev-world")]
     if not models:
         raise LMDError(f"--models is empty; name one or more of {', '.join(world)}.")
@@ -683,23 +711,55 @@ def check_arguments(out: str | Path, scenes: int, models: Sequence[str], grid: s
     return folder
 
 
+def _worker_model(spec: str, grid: dict[str, dict], n: int) -> dict:
+    # a fresh (spawned) process: one torch thread, the scenes rendered again (scene k depends on (seed, k) only)
+    torch.set_num_threads(1)
+    return _study_model(spec, None, grid, _Scenes(SensorWorld(num_scenes=n, seed=SEED), False), False)
+
+
+def _all_models(models: Sequence[str], grid: dict[str, dict], scenes: _Scenes, jobs: int, progress: bool) -> list[dict]:
+    """:func:`_study_model` for every model, ``jobs`` at a time in spawned processes of one torch thread
+    each; the cost column is measured in this process meanwhile (CPU time: the workers do not inflate it)."""
+    if jobs <= 1 or len(models) <= 1:
+        results = [_study_model(spec, None, grid, scenes, progress) for spec in models]
+        costs = _costs(models[0], grid, scenes)
+    else:
+        # spawn, not fork: forked workers of a process that has run torch crawl (thread pools)
+        with ProcessPoolExecutor(max_workers=min(jobs, len(models)),
+                                 mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_worker_model, spec, grid, len(scenes)) for spec in models]
+            costs = _costs(models[0], grid, scenes)
+            results = []
+            for spec, future in zip(models, futures):
+                results.append(future.result())
+                if progress:
+                    print(f"{spec}: {results[-1]['seconds']:.0f} s", file=sys.stderr)
+    for result in results:
+        for row in result["rows"]:
+            if row["method"] in costs:
+                row["cost"] = costs[row["method"]]
+    return results
+
+
 def run(out: str | Path, scenes: Optional[int] = None, quick: bool = False, models: Sequence[str] = STUDY_MODELS,
-        grid: str = "ofat", methods: Optional[Sequence[str]] = None, progress: bool = True) -> dict:
+        grid: str = "ofat", methods: Optional[Sequence[str]] = None, progress: bool = True, jobs: int = 2) -> dict:
     """Write ``study.json``, ``study.md`` and ``study.png`` to ``out``; return the record.
 
     ``scenes``: unseen scenes (default :data:`DEFAULT_SCENES`, :data:`QUICK_SCENES` with ``quick``);
     ``models``: registered sensor-world models; ``grid``: ``ofat`` or ``full`` (:func:`rule_sets`);
     ``methods``: a subset of the grid's rule sets (default all). The baselines always run.
+    ``jobs``: models studied at once, in spawned processes of one torch thread each (the results do
+    not depend on it; the cost column is CPU time, measured in this process).
     """
     scenes = scenes if scenes is not None else (QUICK_SCENES if quick else DEFAULT_SCENES)
-    out = check_arguments(out, scenes, models, grid, methods)
+    out = check_arguments(out, scenes, models, grid, methods, jobs)
     start = time.time()
     chosen = {k: v for k, v in rule_sets(grid).items() if methods is None or k in methods}
     world = _Scenes(SensorWorld(num_scenes=scenes, seed=SEED), progress)
-    costs: dict[str, dict] = {}
-    results = [_study_model(spec, None, chosen, world, costs, progress) for spec in models]
+    results = _all_models(models, chosen, world, jobs, progress)
     record = {"scenes": scenes, "seed": SEED, "grid": grid, "rule_sets": list(chosen),
               "separation_scenes": min(SEPARATION_SCENES, scenes), "threads": torch.get_num_threads(),
+              "jobs": min(jobs, len(models)),
               "captum": importlib.util.find_spec("captum") is not None, "models": results}
     record["seconds"] = round(time.time() - start, 1)
     out.mkdir(parents=True, exist_ok=True)
