@@ -113,7 +113,7 @@ class Report:
             row.upstream = max((self._magnitude(p) for p in self._inputs[name] if p.scale is not None), default=0.0)
             if failure is not None:
                 continue
-            if not math.isfinite(error) or (row.derived and math.isnan(scale)):
+            if not math.isfinite(error) or math.isnan(spread) or (row.derived and math.isnan(scale)):
                 failure = (self._nonfinite_message(row), row)
             elif error > self.allowed(row):
                 failure = (self._inexact_message(row), row)
