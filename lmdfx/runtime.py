@@ -101,6 +101,15 @@ def _resolve(root: nn.Module, target: str) -> Any:
     return value
 
 
+def _member(owner: nn.Module, name: str) -> Any:
+    """``getattr(owner, name, None)`` by dictionary lookups (no ``Module.__getattr__``: this
+    runs for every parameter on every call)."""
+    for members in (owner._parameters, owner._buffers, owner.__dict__):
+        if name in members:
+            return members[name]
+    return getattr(owner, name, None)
+
+
 def _assign(root: nn.Module, target: str, value: torch.Tensor) -> None:
     *path, name = target.split(".")
     owner = root.get_submodule(".".join(path)) if path else root
@@ -166,11 +175,11 @@ class Decomposer:
         """Read parameters and buffers from the user's model; a replaced submodule (whose
         hyper-parameters were compiled in) needs a new ``compile``."""
         for parent, child, module, name in self._submodules:
-            if getattr(parent, child, None) is not module:
+            if parent._modules.get(child) is not module:
                 raise LMDError(f"model.{name} was replaced after lmdfx.compile; the decomposer was built for the old "
                                "module. Call lmdfx.compile(model, ...) again.")
         for i, (graph, target, owner, attr, tensor) in enumerate(self._tensors):
-            current = getattr(owner, attr, None)
+            current = _member(owner, attr)
             if current is not tensor:
                 if not isinstance(current, torch.Tensor):
                     raise LMDError(f"model.{target} is no longer a tensor ({type(current).__name__}) since "

@@ -72,6 +72,27 @@ def test_inductor_backend_matches_eager():
     torch.testing.assert_close(frozen["camera"]["seg"], compiled["camera"]["seg"], rtol=1e-5, atol=1e-6)
 
 
+class NormedFusion(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(8), nn.Linear(8, 4)
+
+    def forward(self, cam, radar):
+        return self.fc(self.norm(cam + radar))
+
+
+def test_taylor_rules_run_under_inductor():
+    """Forward-mode AD of layer_norm inside torch.compile hits an internal assert of torch
+    (fake tensors); the Taylor rule's Jacobian products run eagerly, the rest compiled."""
+    model = NormedFusion().eval()
+    cam, radar = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    rules = lmdfx.Rules(overrides={"layer_norm": "taylor"})
+    eager = lmdfx.compile(model, {"camera": "cam", "radar": "radar"}, rules=rules)(cam, radar)
+    compiled = lmdfx.compile(model, {"camera": "cam", "radar": "radar"}, rules=rules, backend="inductor")(cam, radar)
+    torch.testing.assert_close(compiled.components, eager.components, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compiled.components.sum(0), model(cam, radar), rtol=1e-5, atol=1e-5)
+
+
 def test_quickstart_example_runs(capsys):
     runpy.run_path(str(ROOT / "examples" / "quickstart.py"), run_name="__main__")
     out = capsys.readouterr().out

@@ -70,19 +70,25 @@ def residual(check: bool, frozen: dict | None, stack: Any, value: Any, derived: 
     error = None
     if not derived:
         # inf − inf (equal infinities) is NaN: counted as 0; unequal infinities stay infinite
-        error = max_abs(stack.sum(0).sub_(value).nan_to_num_(nan=0.0, posinf=inf, neginf=-inf))
+        error = stack.sum(0).sub_(value).nan_to_num_(nan=0.0, posinf=inf, neginf=-inf).abs_().amax()
     per_component = max_abs(stack, tuple(range(1, stack.dim()))) if stack.dim() > 1 else stack.abs()
     return error, max_abs(value), per_component
 
 
 def max_abs(t: torch.Tensor, dims: tuple[int, ...] | None = None) -> torch.Tensor:
-    """max |t| (over ``dims``), NaN if any element is NaN. From the extremes: several times
-    faster on CPU than ``vector_norm(t, inf)``, and no |t| copy."""
+    """max |t| (over ``dims``), NaN if any element is NaN; several times faster on CPU than
+    ``vector_norm(t, inf)``. A small tensor takes two kernel calls (|t| is a cheap copy); a
+    large one is read once for its extremes instead of copied."""
+    if t.numel() <= SMALL:
+        return t.abs().amax(dims) if dims is not None else t.abs().amax()
     if dims is None:
         low, high = torch.aminmax(t)
     else:
         low, high = t.amin(dims), t.amax(dims)
     return torch.maximum(high, low.neg())
+
+
+SMALL = 1 << 16  # elements
 
 
 @dataclass
@@ -125,6 +131,8 @@ def resolve_record(gm: fx.GraphModule, record: None | str | Sequence[str]) -> di
 
 def component_sum(stack: Any) -> Any:
     """The value a stack (or a tuple of stacks) decomposes: the sum over the component axis."""
+    if isinstance(stack, torch.Tensor):
+        return stack.sum(0)
     return pytree.tree_map(lambda t: t.sum(0) if isinstance(t, torch.Tensor) else t, stack)
 
 

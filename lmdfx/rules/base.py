@@ -222,9 +222,12 @@ class Rule(nn.Module):
     def as_function(self, args: tuple, kwargs: dict, positions: list[int] | None = None) -> tuple[Callable, tuple]:
         """The op as a function of the leaves at ``positions`` of the flattened (args, kwargs)
         (default: the decomposed ones), every other argument fixed; and those leaves' values."""
-        leaves, spec = pytree.tree_flatten((args, kwargs))
         if positions is None:
             positions = [i for i, flag in enumerate(self.call.decomposed) if flag]
+        if positions == [0] and args and isinstance(args[0], torch.Tensor):
+            # A unary op on its first argument, without flattening the call
+            return (lambda value: self.call.invoke((value, *args[1:]), kwargs)), (args[0],)
+        leaves, spec = pytree.tree_flatten((args, kwargs))
 
         def op(*values):
             filled = list(leaves)
@@ -247,6 +250,8 @@ def first_decomposed(args: tuple, kwargs: dict, flags: tuple[bool, ...]) -> Any:
     Called with stacked arguments it gives the input stack; called with the reference
     arguments, the reference input at the same position.
     """
+    if flags and flags[0] and args and isinstance(args[0], torch.Tensor):
+        return args[0]  # the usual case, without flattening the call
     leaves, _ = pytree.tree_flatten((args, kwargs))
     return next(leaf for leaf, flag in zip(leaves, flags) if flag)
 

@@ -32,6 +32,9 @@ class TaylorRule(Rule):
     def supports(cls, call: OpCall) -> bool:
         return call.n_decomposed > 0
 
+    # torch.compile traces forward-mode AD of some ops (layer_norm) into an internal assert under
+    # fake tensors: the Jacobian products run eagerly, a graph break for a compiled decomposer.
+    @torch.compiler.disable
     def _jvp(self, g: Callable, primals: tuple, tangents: tuple) -> tuple:
         try:
             return torch.func.jvp(g, primals, tangents)
@@ -73,6 +76,7 @@ class TaylorRule(Rule):
                 "keep": keep, "fixed": fixed, "spec": out_spec,
                 "others": [None if i in keep else leaf for i, leaf in enumerate(out_leaves)]}
 
+    @torch.compiler.disable
     def forward(self, constants: dict, args: tuple, kwargs: dict) -> Any:
         keep = tuple(constants["keep"])
         g, stacks = self._linearised(args, kwargs, keep, constants["fixed"])
