@@ -143,8 +143,8 @@ def _add_study(sub: Any, common: argparse.ArgumentParser) -> None:
                        help=f"comma-separated sensor-world models (default {','.join(STUDY_MODELS)})")
     study.add_argument("--grid", default="ofat", help=f"rule grid: {' or '.join(GRIDS)} (default ofat: one factor at "
                                                       "a time around the defaults; full: all 36 combinations)")
-    study.add_argument("--jobs", type=_positive, default=2,
-                       help="models studied at once, each in a process of one torch thread (default 2)")
+    study.add_argument("--jobs", type=_positive, default=3,
+                       help="models studied at once, each in a process of one torch thread (default 3)")
     study.add_argument("--no-progress", action="store_true", help="no progress bars")
     study.set_defaults(func=_cmd_study)
 
