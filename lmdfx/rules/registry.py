@@ -76,8 +76,12 @@ def choices(option: str) -> tuple[str, ...]:
 class Rules:
     """Which rule each layer family uses. Defaults are the paper's, except ``product="gate"``.
 
-    ``overrides`` maps a module qualified name, a module type, or a canonical op name (e.g.
-    ``"relu"``) to a variant name (``"tangent"``, ``"taylor"``, ...) or to a ``Rule`` subclass.
+    Each field names a family's variant: ``activation`` secant | tangent | rescale, ``bias_split``
+    none | sum | ratio, ``batchnorm`` identity | uniform, ``norm`` ratio | identity | uniform,
+    ``product`` gate | shapley | freeze, ``softmax`` freeze | secant, ``fallback`` error | taylor
+    (``docs/rules.md``). ``overrides`` maps a module qualified name, a module type, or a
+    canonical op name (e.g. ``"relu"``) to a variant name (``"tangent"``, ``"taylor"``, ...) or
+    to a ``Rule`` subclass.
     Lookups go module name, then module type, then op. A key that matches nothing in the
     model, or a variant that cannot decompose the node it matches, is an ``LMDError``.
     """
