@@ -93,11 +93,14 @@ class Report:
             by_dtype.setdefault(value[1].dtype, []).append((name, value))
         for dtype, group in by_dtype.items():
             scales = torch.stack([scale for _, (_, scale, _) in group])
-            errors = torch.stack([scale.new_zeros(()) if error is None else error for _, (error, scale, _) in group])
             spreads = torch.stack([per_component.sum() for _, (_, _, per_component) in group])
+            # a derived node's error is 0 by construction (None): read only the others
+            errors = [error for _, (error, _, _) in group if error is not None]
+            read = torch.cat([scales, spreads, torch.stack(errors) if errors else scales[:0]]).double().tolist()
+            n, measured = len(group), iter(read[2 * len(group):])
             eps = torch.finfo(dtype).eps
-            for (name, _), error, scale, spread in zip(group, *torch.stack([errors, scales, spreads]).double().tolist()):
-                numbers[name] = (error, scale, spread, eps)
+            for i, (name, (error, _, _)) in enumerate(group):
+                numbers[name] = (0.0 if error is None else next(measured), read[i], read[n + i], eps)
         tolerances: dict[float, float] = {}
         failure = None
         for name, value in checked:

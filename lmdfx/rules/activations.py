@@ -7,8 +7,8 @@ Optional bias splitting (appendix C) moves the bias component into modalities fi
 
 from __future__ import annotations
 
-
 import torch
+from torch.utils import _pytree as pytree
 
 from .base import BIAS, Rule, add_to_bias_, first_decomposed, lift
 from .registry import register
@@ -88,11 +88,16 @@ class SecantRule(ElementwiseRule):
 
     def slope(self, reference, out, args, kwargs):
         f, _ = self.as_function(args, kwargs, [self.call.decomposed.index(True)])
-        at_zero = f(torch.zeros_like(reference))
-        rise = torch.where(torch.isfinite(at_zero), out - at_zero, out)
+        # f(0) once, as a 0-d tensor, for an element-wise op whose other arguments are numbers
+        # (then it is the same for every element); else per element (a per-channel PReLU
+        # weight, clamp bounds, a softmax's 1/n).
+        scalar = self.call.op in ACTIVATIONS and not any(
+            isinstance(leaf, torch.Tensor) for leaf, flag in zip(pytree.tree_leaves((args, kwargs)), self.call.decomposed)
+            if not flag)
+        at_zero = f(reference.new_zeros(()) if scalar else torch.zeros_like(reference))
+        rise = out - torch.where(torch.isfinite(at_zero), at_zero, 0.0)
         large = reference.abs() > self.options.eps
-        safe = torch.where(large, reference, torch.ones_like(reference))
-        return torch.where(large, rise / safe, torch.zeros_like(out))
+        return torch.where(large, rise / torch.where(large, reference, 1.0), 0.0)
 
 
 @register("softmax", "secant")
