@@ -19,9 +19,7 @@ per-modality numbers (``check_agreement``); the script checks that before timing
 
 from __future__ import annotations
 
-import copy
 import time
-import types
 from typing import Any
 
 import torch
@@ -30,7 +28,7 @@ from torch import nn
 import lmdfx
 
 from .common import apply_threads, PostFusion, Table, base_parser, device_of, emit, load_average, post_fusion_inputs, simplebev
-from lmdfx.bev.models.simplebev import BasicBlock, SimpleBEVConfig
+from lmdfx.bev.models.simplebev import SimpleBEVConfig
 
 GRID = (64, 4, 64)
 
@@ -63,24 +61,6 @@ class BiasFreeReLUNet(nn.Module):
     def forward(self, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
         x = self.relu1(self.conv1(torch.cat([x0, x1], dim=1)))
         return self.head(self.relu2(self.conv2(x)))
-
-
-def _basic_block_forward(self: BasicBlock, x: torch.Tensor) -> torch.Tensor:
-    out = self.relu(self.bn1(self.conv1(x)))
-    out = self.bn2(self.conv2(out))
-    identity = self.downsample(x) if self.downsample is not None else x
-    return self.relu_out(out + identity)
-
-
-def unshare_activations(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose ResNet basic blocks use a second ReLU module for their output:
-    Captum's DeepLift hooks need every activation module to be called once per forward."""
-    model = copy.deepcopy(model)
-    for block in model.modules():
-        if isinstance(block, BasicBlock):
-            block.relu_out = nn.ReLU()
-            block.forward = types.MethodType(_basic_block_forward, block)
-    return model
 
 
 def captum_per_pixel(method: str, model: nn.Module, inputs: tuple[torch.Tensor, ...], chunk: int,
@@ -136,7 +116,7 @@ def run(device: torch.device, chunk: int, pixels: int | None, repeats: int) -> d
     agreement = check_agreement()
     assert all(v <= 1e-10 for v in agreement.values()), f"Captum and lmdfx disagree: {agreement}"
     model, _ = simplebev(SimpleBEVConfig.tiny(grid=GRID), device)
-    post = Segmentation(unshare_activations(PostFusion(model))).eval()
+    post = Segmentation(PostFusion(model)).eval()
     named = post_fusion_inputs(model)
     inputs = (named["feat_bev"], named["radar_bev"])
     h, w = GRID[0], GRID[2]

@@ -436,7 +436,6 @@ def _captum_rows(fused: nn.Module, data: _Data, scenes: _Scenes, progress: bool)
     from captum.attr import DeepLift, InputXGradient
 
     records: dict[str, list] = {n: [] for n in names}
-    deeplift_model = _single_use_relus(fused)
     n = len(data.items)
     for start in progress_bar(range(0, n, BATCH), progress, "Captum", unit="batch"):
         # every single-sensor vehicle of BATCH scenes: one batch entry each (its scene's inputs, its footprint)
@@ -445,7 +444,7 @@ def _captum_rows(fused: nn.Module, data: _Data, scenes: _Scenes, progress: bool)
         if not singles:
             continue
         ks = [k for k, _, _ in singles]
-        target = _VehicleMeans(deeplift_model, torch.stack([torch.from_numpy(o.mask).float() for *_, o in singles]))
+        target = _VehicleMeans(fused, torch.stack([torch.from_numpy(o.mask).float() for *_, o in singles]))
         inputs = (data.cam[ks].clone(), data.radar[ks].clone())
         base = (data.blank_cam.expand(len(ks), -1, -1, -1).clone(), torch.zeros_like(inputs[1]))
         for name, attr in ((names[0], lambda: DeepLift(target).attribute(inputs, baselines=base)),
@@ -467,30 +466,6 @@ def _captum_rows(fused: nn.Module, data: _Data, scenes: _Scenes, progress: bool)
                                                         if "DeepLift" in name else "not additive"},
                       "note": "at the camera BEV features and the radar grid (the encoder is camera-only)"}, score))
     return rows
-
-
-def _block_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    # BasicBlock.forward with its second ReLU a module of its own
-    out = self.relu(self.bn1(self.conv1(x)))
-    out = self.bn2(self.conv2(out))
-    identity = self.downsample(x) if self.downsample is not None else x
-    return self.relu_out(out + identity)
-
-
-def _single_use_relus(fused: nn.Module) -> nn.Module:
-    """A copy of ``fused`` whose residual blocks call each ReLU module once (captum's DeepLift hooks
-    one call per module; the ResNet block calls ``self.relu`` twice)."""
-    import copy
-    import types
-
-    from lmdfx.bev.models.simplebev import BasicBlock
-
-    clone = copy.deepcopy(fused)
-    for module in clone.modules():
-        if isinstance(module, BasicBlock):
-            module.relu_out = nn.ReLU()
-            module.forward = types.MethodType(_block_forward, module)
-    return clone
 
 
 class _VehicleMeans(nn.Module):

@@ -277,7 +277,10 @@ def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
 
 
 class BasicBlock(nn.Module):
-    """ResNet basic block (two 3x3 convs), out-of-place residual add."""
+    """ResNet basic block (two 3x3 convs), out-of-place residual add. The output ReLU is a
+    module of its own (``relu_out``; no parameters, so checkpoints are unchanged): every
+    activation module is called once per forward, which hook-based attribution (Captum's
+    DeepLift) needs."""
 
     expansion = 1
 
@@ -289,12 +292,13 @@ class BasicBlock(nn.Module):
         self.conv2 = _conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
+        self.relu_out = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         identity = self.downsample(x) if self.downsample is not None else x
-        return self.relu(out + identity)
+        return self.relu_out(out + identity)
 
 
 class Bottleneck(nn.Module):
