@@ -15,10 +15,11 @@ in the report of issue 12): it turns into a failure, to be unmarked, once the co
 from __future__ import annotations
 
 import pytest
+import torch
 from zoo_checks import check_exact, check_separation
 
 import lmdfx
-from benchmarks.zoo_models import CASES, missing
+from benchmarks.zoo_models import CASES, leaves, missing, scale_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -76,3 +77,25 @@ def test_exact(name):
 @pytest.mark.parametrize("name", params())
 def test_separation(name):
     check_separation(case_for(name))
+
+
+# CLIP's logit is a product of the two towers' embeddings, neither a gate nor bias-only: the
+# default (gate) splits it and says so at compile time (Rules(product="freeze") separates it).
+SPLIT_BY_DEFAULT = {"transformers-clip": "matmul", "transformers-clip-sdpa": "matmul"}
+
+
+@pytest.mark.parametrize("name", params())
+def test_default_rules_separate(name):
+    """The default rules separate, with every modality component at least 1 % of the bias
+    component's size; or compile names the product that does not."""
+    case = case_for(name)
+    if name in SPLIT_BY_DEFAULT:
+        model, inputs = case.build(torch.float64), case.inputs(0, torch.float64)
+        with pytest.warns(UserWarning, match="will not separate"):
+            dec = case.compile(model, inputs)
+        assert [row.op for row in dec.report().non_separating] == [SPLIT_BY_DEFAULT[name]]
+        return
+    res = check_separation(case, lmdfx.Rules())
+    bias = scale_of(leaves(res["bias"]))
+    for modality in case.modalities:
+        assert scale_of(leaves(res[modality])) >= 0.01 * bias, f"{modality}'s component is degenerate"

@@ -29,14 +29,15 @@ def check_exact(case: Case) -> lmdfx.Decomposer:
     return dec
 
 
-def check_separation(case: Case) -> None:
-    """float64, ``Rules(product="freeze")``: at the frozen operating point of the reference
-    inputs, replacing one modality's input by another random one leaves the other modality's
+def check_separation(case: Case, rules: lmdfx.Rules = lmdfx.Rules(product="freeze")) -> lmdfx.Decomposition:
+    """float64, under ``rules``: at the frozen operating point of the reference inputs,
+    replacing one modality's input by another random one leaves the other modality's
     component where it was (both directions, M = 2). The swapped modality's own component
-    must move for each modality in ``case.moving`` (so the check is not vacuous)."""
+    must move for each modality in ``case.moving`` (so the check is not vacuous). Returns the
+    reference call's result."""
     model = case.build(torch.float64)
     inputs = case.inputs(0, torch.float64)
-    dec = case.compile(model, inputs, rules=lmdfx.Rules(product="freeze"))
+    dec = case.compile(model, inputs, rules=rules)
     res = dec(**inputs)
     tol = EXACT * scale_of(leaves(res.components))
     names = list(case.modalities)
@@ -51,6 +52,7 @@ def check_separation(case: Case) -> None:
         if swap in (case.moving if case.moving is not None else names):
             assert any(not torch.allclose(a, b) for a, b in zip(leaves(res[swap]), leaves(moved[swap]))), \
                 f"replacing {swap} did not move its own component"
+    return res
 
 
 def check_inductor(case: Case) -> None:
