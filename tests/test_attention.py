@@ -448,3 +448,35 @@ def test_freeze_product_freezes_the_bias_only_operand():
     shapley = lmdfx.compile(build(FusedManualAttention), MODS)(**tokens(0))
     torch.testing.assert_close(res.components, shapley.components, rtol=0, atol=1e-13)
     assert all(len(tensors(c)) for c in res.components)
+
+
+class ExplicitAttention(nn.Module):
+    """Single-head attention over the summed camera and radar tokens, written out."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(E, E, bias=False) for _ in range(3))
+
+    def forward(self, a, b):
+        x = a + b
+        weights = torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2) / math.sqrt(E), -1)
+        return weights @ self.v(x)
+
+
+def test_frozen_softmax_weights_are_constants_and_the_scores_get_no_components():
+    """softmax="freeze": P is an operating-point constant, so the camera component of P·V is
+    P @ v(camera tokens) (a hand computation), and Q·Kᵀ is not decomposed at all."""
+    model = ExplicitAttention().double().eval()
+    a, b = tokens(0)["a"], tokens(0)["b"]
+    dec = lmdfx.compile(model, {"camera": "a", "radar": "b"})
+    res = dec(a, b)
+    with torch.no_grad():
+        weights = torch.softmax(model.q(a + b) @ model.k(a + b).transpose(-1, -2) / math.sqrt(E), -1)
+        torch.testing.assert_close(res["camera"], weights @ model.v(a), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(res["radar"], weights @ model.v(b), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(res.components.sum(0), model(a, b), rtol=1e-12, atol=1e-12)
+    rows = {row.op: row for row in dec.report().rows if row.op in ("softmax", "matmul")}
+    assert rows["softmax"].kind == "frozen" and rows["softmax"].rule == "freeze"
+    branched = {rule.call.op for rule in dec.module.lmd_rules.children()
+                if any(n.target == f"lmd_rules.node_{rule.call.node}" for n in dec.module.graphs[0].graph.nodes)}
+    assert "softmax" not in branched and "div" not in branched  # the scores and their scaling: no branch

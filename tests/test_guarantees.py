@@ -13,7 +13,7 @@ from torch import nn
 
 import lmdfx
 from lmdfx.passes.trace import user_source
-from lmdfx.rules.linear import AffineRule
+from lmdfx.rules.linear import AffineRule, LinearRule
 
 
 class Fusion(nn.Module):
@@ -93,6 +93,28 @@ def test_a_wrong_rule_is_caught_by_the_default_check():
         warn(*inputs())
     off = lmdfx.compile(model, MODALITIES, rules=lmdfx.Rules(overrides={"head": WrongAffine}), check="off")
     off(*inputs())  # the user asked for no check
+
+
+class WrongTranspose(LinearRule):
+    """A user's rule subclassing a registered element-moving one, and broken: scales the
+    stack. Its node must still be checked (only registered rules skip the check)."""
+
+    def forward(self, constants, args, kwargs):
+        return 2 * super().forward(constants, args, kwargs)
+
+
+class Transposed(nn.Module):
+    def forward(self, cam, radar):
+        return (cam + radar).transpose(-1, -2)
+
+
+def test_a_subclass_of_an_element_moving_rule_is_still_checked():
+    model = Transposed().eval()
+    cam, radar = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 3, 4, dtype=torch.float64)
+    torch.testing.assert_close(lmdfx.compile(model, MODALITIES)(cam, radar).components.sum(0), model(cam, radar))
+    dec = lmdfx.compile(model, MODALITIES, rules=lmdfx.Rules(overrides={"transpose": WrongTranspose}))
+    with pytest.raises(lmdfx.ExactnessError, match="transpose"):
+        dec(cam, radar)
 
 
 class Cancelling(nn.Module):

@@ -27,7 +27,7 @@ def constant_outputs(gm: fx.GraphModule, rules: Rules, modality_params: Sequence
             if node.meta.get("lmd_kind") != "mixed" or node.meta.get("lmd_constant"):
                 continue
             rule = resolve(op_call(gm, node), rules)
-            if rule is not None and rule.constant_output:
+            if rule is not None and rule.constant_output and rule.verified:  # a user's subclass keeps its forward
                 node.meta["lmd_constant"] = marked = True
         if not marked:
             return gm

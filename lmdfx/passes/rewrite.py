@@ -70,7 +70,7 @@ def residual(check: bool, frozen: dict | None, stack: Any, value: Any, derived: 
     error = None
     if not derived:
         # inf − inf (equal infinities) is NaN: counted as 0; unequal infinities stay infinite
-        error = stack.sum(0).sub_(value).nan_to_num_(nan=0.0, posinf=inf, neginf=-inf).abs_().amax()
+        error = (stack.sum(0) - value).nan_to_num_(nan=0.0, posinf=inf, neginf=-inf).abs_().amax()
     per_component = max_abs(stack, tuple(range(1, stack.dim()))) if stack.dim() > 1 else stack.abs()
     return error, max_abs(value), per_component
 
@@ -243,8 +243,8 @@ def rewrite(gm: fx.GraphModule, modality_names: Sequence[str], record: dict[str,
         views[node] = stack
         if by_sum:
             summed[node] = stack
-        if rule.moves_values:
-            continue  # its components sum to its value wherever its input's did
+        if rule.moves_values and rule.verified:
+            continue  # its components sum to its value wherever its input's did (registry-tested)
         if by_sum:
             # Its value is its own sum: nothing to compare, but how much the components cancel
             # bounds how far that sum can be from the model's value.

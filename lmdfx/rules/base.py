@@ -158,7 +158,8 @@ class Rule(nn.Module):
     # ``moves_values``: every output element of every component is an element of the same
     # component of an input, or zero (views, transposes, selections, concatenations), so the
     # components sum to the value exactly where they did at the input: the node needs no
-    # equality check of its own (the registry-driven tests check the sums bit for bit).
+    # equality check of its own (the registry-driven tests check the sums bit for bit, so
+    # only ``verified`` rules are trusted with it, as with ``constant_output``).
     summable = False
     tangent = False
     separates = True

@@ -249,7 +249,7 @@ class AdditiveRule(Rule):
         like = first_decomposed(args, kwargs, self.call.decomposed)
         flags = [self.call.decomposed[i] for i in self.summand_positions]
         lifted = [s if flag else as_bias_stack(s, like) for s, flag in zip(summands, flags)]
-        if self.call.op in ("cat", "stack"):
+        if self.call.op in ("cat", "stack") and set(kwargs) <= {"tensors", "dim"}:
             dim = bind(_CAT, args, kwargs)["dim"]
             if isinstance(dim, int):  # the component axis stays in front
                 return getattr(torch, self.call.op)(lifted, dim + 1 if dim >= 0 else dim)
