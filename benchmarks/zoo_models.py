@@ -260,6 +260,12 @@ def clip_case(size: Size, attn: str = "eager") -> Case:
     return Case(build, text_image_inputs(size), TEXT_IMAGE)
 
 
+def with_full_pixel_mask(model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> Any:
+    """``model(input_ids, pixel_values)`` with every pixel valid (ViLT, BridgeTower take a mask)."""
+    return model(input_ids=input_ids, pixel_values=pixel_values,
+                 pixel_mask=torch.ones_like(pixel_values[:, 0], dtype=torch.long))
+
+
 class ViltPooled(nn.Module):
     """ViltModel: text tokens and image patches in ONE joint transformer; output the pooled
     (first-token) representation and the joint hidden states' mean."""
@@ -269,8 +275,7 @@ class ViltPooled(nn.Module):
         self.model = model
 
     def forward(self, input_ids, pixel_values):
-        out = self.model(input_ids=input_ids, pixel_values=pixel_values,
-                         pixel_mask=torch.ones_like(pixel_values[:, 0], dtype=torch.long))
+        out = with_full_pixel_mask(self.model, input_ids, pixel_values)
         return {"pooled": out.pooler_output, "mean": out.last_hidden_state.mean(1)}
 
 
@@ -452,8 +457,7 @@ class BridgeTowerWrap(nn.Module):
         self.model = model
 
     def forward(self, input_ids, pixel_values):
-        out = self.model(input_ids=input_ids, pixel_values=pixel_values,
-                         pixel_mask=torch.ones_like(pixel_values[:, 0], dtype=torch.long))
+        out = with_full_pixel_mask(self.model, input_ids, pixel_values)
         return {"pooled": out.pooler_output, "text": out.text_features.mean(1), "image": out.image_features.mean(1)}
 
 

@@ -7,10 +7,12 @@ Optional bias splitting (appendix C) moves the bias component into modalities fi
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch.utils import _pytree as pytree
 
-from .base import BIAS, Rule, add_to_bias_, first_decomposed, lift
+from .base import BIAS, NodeRef, OpCall, Rule, add_to_bias_, first_decomposed, lift
 from .registry import register
 
 ACTIVATIONS = (
@@ -86,15 +88,17 @@ class SecantRule(ElementwiseRule):
 
     name = "secant"
 
-    def slope(self, reference, out, args, kwargs):
-        f, _ = self.as_function(args, kwargs, [self.call.decomposed.index(True)])
+    def __init__(self, call: OpCall, options: Any):
+        super().__init__(call, options)
         # f(0) once, as a 0-d tensor, for an element-wise op whose other arguments are numbers
         # (then it is the same for every element); else per element (a per-channel PReLU
         # weight, clamp bounds, a softmax's 1/n).
-        scalar = self.call.op in ACTIVATIONS and not any(
-            isinstance(leaf, torch.Tensor) for leaf, flag in zip(pytree.tree_leaves((args, kwargs)), self.call.decomposed)
-            if not flag)
-        at_zero = f(reference.new_zeros(()) if scalar else torch.zeros_like(reference))
+        others = [leaf for leaf, flag in zip(pytree.tree_leaves((call.args, call.kwargs)), call.decomposed) if not flag]
+        self.zero_is_scalar = call.op in ACTIVATIONS and not any(isinstance(o, (NodeRef, torch.Tensor)) for o in others)
+
+    def slope(self, reference, out, args, kwargs):
+        f, _ = self.as_function(args, kwargs, [self.call.decomposed.index(True)])
+        at_zero = f(reference.new_zeros(()) if self.zero_is_scalar else torch.zeros_like(reference))
         rise = out - torch.where(torch.isfinite(at_zero), at_zero, 0.0)
         large = reference.abs() > self.options.eps
         return torch.where(large, rise / torch.where(large, reference, 1.0), 0.0)

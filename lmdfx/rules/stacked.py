@@ -6,8 +6,9 @@ view, a transpose, a reduction), the stack can go through the op itself: axis ar
 shift by one past the component axis, shapes gain the component axis in front, and a constant
 operand broadcasts over it when its rank does not exceed a component's. Each function
 returns ``None`` where it cannot tell (an unusual spelling, a rank that would broadcast into
-the component axis); the caller then uses ``vmap``. The registry-driven tests run every
-structural op through both paths (``tests/test_registry_rules.py``).
+the component axis); the caller then uses ``vmap``. The registry-driven tests check every
+structural op's components against the model in float64, and the tangent map against a
+reverse-mode Jacobian (``tests/test_registry_rules.py``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def _sizes(rest: tuple, kwargs: dict, name: str) -> tuple[int, ...] | None:
     """A shape given as varargs (``x.view(2, 3)``), one sequence (``x.view((2, 3))``,
     ``aten.view(x, [2, 3])``) or a keyword."""
     value = kwargs.get(name, rest[0] if len(rest) == 1 else rest)
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,)  # x.view(-1)
     if (len(rest) > 1 and name in kwargs) or not isinstance(value, (tuple, list, torch.Size)):
         return None
     return tuple(value) if all(isinstance(v, int) for v in value) else None
