@@ -6,7 +6,8 @@ Per model (benchmarks/zoo_models.py: timm early fusion, camera 3 + LiDAR 2 chann
 transformers multimodal models; M = 2, batch 1, random init): the forward under
 ``torch.no_grad()`` and the default call (``lmdfx.compile(model, modalities)``, then
 ``dec(...)`` with its default residual check), timed round-robin in the same process (median
-wall and CPU time), their peak activation memory, and the relative residual
+wall and CPU time), their peak activation memory (also of a decomposer compiled with
+``keep_operating_point=False``), and the relative residual
 max |Σ components − model(...)| / max |model(...)|. ``--inductor`` adds the
 ``backend="inductor"`` decomposition against ``torch.compile(model, backend="inductor")`` and
 both first-call (compile) times; ``--profile N`` the N ops with the most self CPU time in one
@@ -150,6 +151,8 @@ def measure(name: str, size: str, device: torch.device, repeats: int, amp: str |
     with autocast(device, amp):
         wall = interleaved_medians(fns, device, repeats, cpu_times=cpu)
         mem = {key: peak_bytes(fn, device) for key, fn in fns.items()}
+        lean = case.compile(model, inputs, keep_operating_point=False)
+        mem["lean"] = peak_bytes(lambda: lean(**inputs), device)
         with torch.no_grad():
             row["residual"] = residual(dec(**inputs).components, model(**inputs))
         if top:
@@ -158,7 +161,8 @@ def measure(name: str, size: str, device: torch.device, repeats: int, amp: str |
                forward_cpu_s=cpu["forward"], decompose_cpu_s=cpu["decompose"],
                ratio_cpu_time=cpu["decompose"] / cpu["forward"],
                peak_forward_mb=mem["forward"] / 2**20, peak_decompose_mb=mem["decompose"] / 2**20,
-               mem_ratio=mem["decompose"] / max(mem["forward"], 1))
+               mem_ratio=mem["decompose"] / max(mem["forward"], 1),
+               mem_ratio_lean=mem["lean"] / max(mem["forward"], 1))
     if compiled:
         row.update(inductor(case, model, inputs, device, repeats, amp))
     return row
@@ -193,12 +197,12 @@ def tables(result: dict[str, Any]) -> list[Table]:
     rows = [[r["model"], f"{r['params'] / 1e6:.2f} M", r["frontend"], r["forward_s"], r["decompose_s"], r["ratio"],
              r["ratio_cpu_time"], "" if r["target"] is None else f"≤ {r['target']}",
              "" if r["target"] is None else r["ratio_cpu_time"] / r["target"], r["mem_ratio"],
-             f"{r['residual']:.1e}"] for r in result["models"]]
-    blank = [""] * 9
+             r["mem_ratio_lean"], f"{r['residual']:.1e}"] for r in result["models"]]
+    blank = [""] * 10
     rows += [[s["model"], *blank, f"skipped: {s['reason']}"] for s in result["skipped"]]
     rows += [[s["model"], *blank, f"failed: {s['reason']}"] for s in result["failed"]]
     out = [Table(["model", "params", "frontend", "forward s", "decomposition s", "ratio (wall)", "ratio (CPU time)",
-                  "target", "÷ target", "peak memory ratio", "exact residual"], rows)]
+                  "target", "÷ target", "peak memory ratio", "without operating point", "exact residual"], rows)]
     if result["inductor"]:
         out.append(Table(["model", "inductor forward s", "inductor decomposition s", "ratio (wall)",
                           "ratio (CPU time)", "forward compile s", "decomposition compile s"],
@@ -237,7 +241,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"1-min load average {result['load_average_start']:.1f} at start, {result['load_average_end']:.1f} at end"),
              ("peak memory ratio: peak live tensor memory of one decomposition call / of one forward ("
               + ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
-                 "torch.profiler allocation events replayed") + ")"),
+                 "torch.profiler allocation events replayed") + "); without operating point: the same with "
+              "lmdfx.compile(..., keep_operating_point=False)"),
              "exact residual: max |Σ components − model(...)| / max |model(...)|, worst output leaf"]
     title = f"Zoo: default decomposition vs forward, size {args.size!r}" + (f", autocast {args.autocast}"
                                                                              if args.autocast else "")

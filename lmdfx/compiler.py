@@ -34,6 +34,7 @@ def compile(
     check: str = "raise",
     frontend: str = "auto",
     example_inputs: Any = None,
+    keep_operating_point: bool = True,
 ) -> Decomposer:
     """Compile ``model`` into a decomposer returning one component per modality plus bias.
 
@@ -58,6 +59,10 @@ def compile(
     or ``"auto"``: fx, then export when fx cannot trace, or traces ops no rule decomposes, and
     ``example_inputs`` are given (``dec.report().frontend`` says which ran). A
     pre-traced ``fx.GraphModule`` or a ``torch.export.ExportedProgram`` is taken as it is.
+    ``keep_operating_point``: ``False`` makes ``res.operating_point`` None, so every slope,
+    remainder and frozen attention map is freed once used instead of living until the call
+    returns (peak memory near (M+1)× the forward's activations when the whole network is
+    decomposed); ``dec.operating_point(...)`` still returns one.
     The model is never modified.
     """
     if isinstance(model, torch.export.ExportedProgram):
@@ -109,13 +114,18 @@ def compile(
     separation = report.separation_warning()  # walks the graph once
     if separation:
         warnings.warn(separation, stacklevel=2)
-    decomposed, layout = rewrite(gm, list(modalities), recorded)
-    optimize_graph(decomposed, structural=optimize)
-    if not exact_output:
-        summed, _ = rewrite(gm, list(modalities), recorded, trunk_mode="sum")
-        decomposed = TrunkDispatch(optimize_graph(summed, structural=optimize), decomposed)
+
+    def build(trunk_mode: str, keep_constants: bool = True) -> fx.GraphModule:
+        decomposed, _ = rewrite(gm, list(modalities), recorded, trunk_mode, keep_constants)
+        return optimize_graph(decomposed, structural=optimize)
+
+    exact, layout = rewrite(gm, list(modalities), recorded)
+    optimize_graph(exact, structural=optimize)
+    decomposed = exact if exact_output else TrunkDispatch(build("sum"), exact)
+    # Reference calls that return no operating point run a graph that does not collect one.
+    lean = None if keep_operating_point else build("exact" if exact_output else "sum", keep_constants=False)
     return Decomposer(model, decomposed, layout, modalities, report, backend=backend, check=check,
-                      specialised=capture.examples, exact_output=exact_output)
+                      specialised=capture.examples, exact_output=exact_output, lean=lean)
 
 
 FRONTENDS = ("auto", "fx", "export")

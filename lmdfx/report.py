@@ -30,7 +30,10 @@ class Row:
     tolerance: float | None = None  # allowed residual / scale for the node's dtype
     eps: float | None = None  # machine epsilon of the node's dtype
     upstream: float = 0.0  # magnitude of the values this node is computed from (see Report.allowed)
-    derived: bool = False  # the value is the sum of the components (exact_output=False): residual 0 by construction
+    # The components sum to the value by construction (exact_output=False): the value is their
+    # sum (a summed linear node) or the bias took the remainder (an element-wise rule whose
+    # input is a sum); only their cancellation is measured.
+    derived: bool = False
     value_finite: bool = True
 
     @property
@@ -149,8 +152,8 @@ class Report:
 
     def _derived_message(self, row: Row) -> str:
         return (f"The components cancel at {row.where()}: Σ|components| is {row.ratio:.3g}× the value, so the "
-                f"value summed from them can be off by more than the tolerance {row.tolerance:.0e} (the model's own "
-                "value is not computed there with exact_output=False). "
+                f"rounding of their sum can exceed the tolerance {row.tolerance:.0e} (with exact_output=False their "
+                "sum is not compared with the model's value there: it equals it by construction). "
                 f"{self._suggestion(row)} Compile with exact_output=True to measure the residual against the model.")
 
     def _inexact_message(self, row: Row) -> str:
@@ -195,7 +198,9 @@ class Report:
 
     @property
     def max_relative_residual(self) -> float | None:
-        """max over nodes of residual / max|value| in the last reference call (None before any)."""
+        """max over nodes of residual / max|value| in the last reference call; None before any,
+        or where no node was compared with its value (every mixed node ``built``: compile with
+        ``exact_output=True`` to measure them all)."""
         ratios = [r.relative_residual for r in self.rows if r.relative_residual is not None]
         return max(ratios) if ratios else None
 
@@ -231,7 +236,7 @@ class Report:
         header = ("node", "layer", "op", "provenance", "rule", "residual", "cancellation")
         table = [header] + [
             (r.node, r.layer or "-", r.op, f"{r.kind}:{'+'.join(r.provenance) or '-'}", r.rule,
-             "-" if r.relative_residual is None else f"{r.relative_residual:.1e}",
+             "built" if r.derived else "-" if r.relative_residual is None else f"{r.relative_residual:.1e}",
              "-" if r.ratio is None else f"{r.ratio:.3g}")
             for r in self.rows
         ]
@@ -244,10 +249,14 @@ class Report:
         if self.non_separating:
             summary.append("separation not guaranteed at (rule splits a product): "
                            + ", ".join(r.node for r in self.non_separating))
+        if self.max_relative_residual is None and any(r.derived for r in self.rows):
+            summary.append("every checked node was built (components sum to the value by construction; their "
+                           "cancellation is checked); compile with exact_output=True to measure residuals")
         if self.max_relative_residual is not None:
             summary.append(f"largest residual relative to the node's value in the last call: "
                            f"{self.max_relative_residual:.2e} (residual = max|Σ components − value| / max|value|; "
-                           "cancellation = max Σ|components| / max|value|)")
+                           "cancellation = max Σ|components| / max|value|; built = the components sum to the "
+                           "value by construction, and their cancellation is checked)")
         return "\n".join(lines + [""] + summary)
 
     __repr__ = __str__

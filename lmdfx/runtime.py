@@ -71,10 +71,11 @@ class OperatingPoint:
 
 
 class Decomposition:
-    """The result of a decomposer call: the model output and its components."""
+    """The result of a decomposer call: the model output and its components. ``operating_point``
+    is None after a reference call of a decomposer compiled with ``keep_operating_point=False``."""
 
     def __init__(self, output: Any, names: tuple[str, ...], components: Any, layers: dict[str, torch.Tensor],
-                 operating_point: OperatingPoint):
+                 operating_point: OperatingPoint | None):
         self.output = output
         self.names = names
         self.components = components
@@ -140,7 +141,8 @@ class Decomposer:
 
     def __init__(self, model: nn.Module, module: nn.Module, layout: Layout, modalities: Mapping[str, str],
                  report: Report, backend: Any = None, check: str = "raise",
-                 specialised: Mapping[str, Any] | None = None, exact_output: bool = False):
+                 specialised: Mapping[str, Any] | None = None, exact_output: bool = False,
+                 lean: nn.Module | None = None):
         self.model = model
         self.module = module
         self.layout = layout
@@ -151,7 +153,7 @@ class Decomposer:
         self._specialised = dict(specialised or {})
         self._report = report
         self._signature = inspect.signature(model.forward)
-        graphs = list(getattr(module, "graphs", (module,)))
+        graphs = list(getattr(module, "graphs", (module,))) + ([lean] if lean is not None else [])
         self._inputs = [n.meta["lmd_param"] for n in graphs[0].graph.nodes if "lmd_param" in n.meta]
         # (parent, attribute, submodule, qualified name) of every submodule, and (graph module,
         # target, owner module, attribute, tensor) of every parameter or buffer the graphs read:
@@ -169,6 +171,9 @@ class Decomposer:
                 if isinstance(owner, nn.Module) and isinstance(getattr(owner, attr, None), torch.Tensor):
                     self._tensors.append((graph, target, owner, attr, getattr(owner, attr)))
         self._run: Callable = _compiled(module, backend) if backend is not None else module
+        # Without an operating point to return (compile's keep_operating_point=False).
+        self._run_lean: Callable | None = None if lean is None else (
+            _compiled(lean, backend) if backend is not None else lean)
 
     # -- the model as it is now ---------------------------------------------------------------
     def _follow_model(self) -> None:
@@ -232,6 +237,9 @@ class Decomposer:
                            + ". Compute it on inputs like these (one per sample), or move it with op.to(...).")
 
     def __call__(self, *args: Any, operating_point: OperatingPoint | None = None, **kwargs: Any) -> Decomposition:
+        return self._call(args, kwargs, operating_point, keep=self._run_lean is None)
+
+    def _call(self, args: tuple, kwargs: dict, operating_point: OperatingPoint | None, keep: bool) -> Decomposition:
         self._follow_model()
         values = self._arguments(args, kwargs)
         frozen = None
@@ -240,13 +248,16 @@ class Decomposer:
             frozen = operating_point.constants
         inputs = [values[name] for name in self._inputs]
         checking = self.check != "off" and frozen is None
-        result = self._run(*inputs, lmd_frozen=frozen, lmd_check=checking)
+        run = self._run if keep or frozen is not None else self._run_lean
+        result = run(*inputs, lmd_frozen=frozen, lmd_check=checking)
         if checking:
             device = next((v.device for v in inputs if isinstance(v, torch.Tensor)), None)
             self._verify(result["residuals"], device)
         components = pytree.tree_unflatten(result["components"], self.layout.output_spec)
-        op = operating_point if operating_point is not None else OperatingPoint(
-            result["operating_point"], id(self), _signature_of({name: values[name] for name in self._inputs}))
+        op = operating_point
+        if op is None and result["operating_point"] is not None:
+            op = OperatingPoint(result["operating_point"], id(self),
+                                _signature_of({name: values[name] for name in self._inputs}))
         return Decomposition(result["output"], self.names, components, result["layers"], op)
 
     def _verify(self, residuals: dict[str, torch.Tensor | None], device: torch.device | None) -> None:
@@ -263,7 +274,7 @@ class Decomposer:
 
     def operating_point(self, *args: Any, **kwargs: Any) -> OperatingPoint:
         """The operating point (all data-dependent constants) of a reference pass on these inputs."""
-        return self(*args, **kwargs).operating_point
+        return self._call(args, kwargs, None, keep=True).operating_point
 
     def report(self) -> Report:
         """Every node: layer, op, provenance, rule, and the residual and cancellation of the last call."""

@@ -13,6 +13,7 @@ from torch import nn
 
 import lmdfx
 from lmdfx.passes.trace import user_source
+from lmdfx.rules.activations import SecantRule
 from lmdfx.rules.linear import AffineRule, LinearRule
 
 
@@ -117,6 +118,30 @@ def test_a_subclass_of_an_element_moving_rule_is_still_checked():
         dec(cam, radar)
 
 
+class WrongSecant(SecantRule):
+    """A user's subclass of the secant rule, broken: doubles the stack. Its node must be
+    compared with the model's value (only registered rules are trusted to close with their
+    remainder)."""
+
+    def forward(self, constants, args, kwargs):
+        return 2 * super().forward(constants, args, kwargs)
+
+
+def test_an_element_wise_rule_closing_with_its_remainder_is_trusted_only_when_registered():
+    model = fusion()
+    dec = lmdfx.compile(model, MODALITIES)
+    dec(*inputs())
+    relu = next(r for r in dec.report().rows if r.op == "relu")
+    assert relu.derived and relu.spread is not None  # built: cancellation measured, no comparison
+    torch.testing.assert_close(dec(*inputs()).components.sum(0), model(*inputs()))
+    exact = lmdfx.compile(model, MODALITIES, exact_output=True)
+    exact(*inputs())
+    assert next(r for r in exact.report().rows if r.op == "relu").relative_residual <= 1e-12
+    wrong = lmdfx.compile(model, MODALITIES, rules=lmdfx.Rules(overrides={"relu": WrongSecant}))
+    with pytest.raises(lmdfx.ExactnessError, match="relu"):
+        wrong(*inputs())
+
+
 class Cancelling(nn.Module):
     """Camera and radar features carry huge opposite offsets that cancel in the fused value."""
 
@@ -211,6 +236,47 @@ def test_operating_points_are_checked_against_the_call():
     dec_32 = lmdfx.compile(fusion(torch.float32), MODALITIES)
     with pytest.raises(lmdfx.LMDError, match="this decomposer"):
         dec_32(*inputs(dtype=torch.float32), operating_point=moved)
+
+
+class Deep(nn.Module):
+    """Twelve mixed ReLU convolutions: every one keeps a slope and a remainder as large as its
+    activation in the operating point."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(4, 4, 3, padding=1) for _ in range(12))
+
+    def forward(self, cam, radar):
+        x = torch.cat([cam, radar], 1)
+        for conv in self.convs:
+            x = F.relu(conv(x))
+        return x
+
+
+@pytest.mark.parametrize("exact_output", [False, True])
+def test_without_keeping_the_operating_point_the_constants_are_freed_and_results_unchanged(exact_output):
+    from benchmarks.zoo import peak_bytes
+
+    torch.manual_seed(0)
+    model = Deep().double().eval()
+    cam, radar = torch.randn(1, 2, 32, 32, dtype=torch.float64), torch.randn(1, 2, 32, 32, dtype=torch.float64)
+    keep = lmdfx.compile(model, MODALITIES, exact_output=exact_output)
+    lean = lmdfx.compile(model, MODALITIES, exact_output=exact_output, keep_operating_point=False)
+    with torch.no_grad():
+        kept, dropped = keep(cam, radar), lean(cam, radar)
+        assert dropped.operating_point is None and len(kept.operating_point) == 12
+        assert torch.equal(dropped.output, kept.output)
+        for name in kept.names:
+            assert torch.equal(dropped[name], kept[name])
+        # the operating point is still there on request, and a frozen call uses it
+        op = lean.operating_point(cam, radar)
+        moved = torch.randn_like(radar)
+        assert torch.equal(lean(cam, moved, operating_point=op)["camera"],
+                           keep(cam, moved, operating_point=kept.operating_point)["camera"])
+        # 12 layers' slopes and remainders (24 activations) no longer live to the end of the call
+        activation = 4 * 32 * 32 * 8
+        saved = peak_bytes(lambda: keep(cam, radar), cam.device) - peak_bytes(lambda: lean(cam, radar), cam.device)
+        assert saved >= 20 * activation
 
 
 def test_two_modalities_on_one_parameter_is_an_error():

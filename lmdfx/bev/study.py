@@ -361,7 +361,8 @@ def _separation(dec: Any, data: _Data) -> dict:
 def _lmd_row(name: str, rules: lmdfx.Rules, fused: nn.Module, data: _Data, scenes: _Scenes,
              progress: bool) -> tuple[dict, AttributionScore]:
     """Every column of one rule set's row; and the per-vehicle records."""
-    dec = lmdfx.compile(fused, fused.modality_args, rules=rules)  # check="raise": an inexact call raises
+    # check="raise": an inexact call raises; exact_output=True: every node's residual is measured
+    dec = lmdfx.compile(fused, fused.modality_args, rules=rules, exact_output=True)
     n = len(data.items)
     maps, outs, residual = [], [], 0.0
     for start in progress_bar(range(0, n, BATCH), progress, name, unit="batch"):

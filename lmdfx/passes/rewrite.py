@@ -150,13 +150,14 @@ def read_components(gm: fx.GraphModule, record: dict[str, fx.Node]) -> set[fx.No
 
 
 def rewrite(gm: fx.GraphModule, modality_names: Sequence[str], record: dict[str, fx.Node],
-            trunk_mode: str = "exact") -> tuple[fx.GraphModule, Layout]:
+            trunk_mode: str = "exact", keep_constants: bool = True) -> tuple[fx.GraphModule, Layout]:
     """``trunk_mode="exact"``: the trunk is the original graph. ``"sum"``: the trunk value of a
     mixed node whose rule is ``summable`` and ``verified`` (linear, affine, additive: covered by
     the registry-driven tests) is the sum of its components, so those layers run once per
     component and not once more for the trunk; outputs then equal the model's to rounding, and
     the equality check runs on the other nodes, against the op applied to the summed inputs.
-    Frozen-point calls need the exact trunk."""
+    Frozen-point calls need the exact trunk. ``keep_constants=False``: ``operating_point`` is
+    None, so each constant is freed after its last use instead of living until the call returns."""
     k = len(modality_names) + 1
     graph = fx.Graph()
     trunk: dict[fx.Node, fx.Node] = {}
@@ -251,7 +252,11 @@ def rewrite(gm: fx.GraphModule, modality_names: Sequence[str], record: dict[str,
             unchecked[node] = stack
             residuals[node.name] = None  # keeps graph order; made when the sum is
             continue
-        residuals[node.name] = graph.call_function(residual, (check, frozen, stack, trunk[node]))
+        # Components built to sum to the value from inputs whose values are their sums need
+        # only the cancellation measured (the bound on their rounding), like a summed node.
+        closed = (rule.closes_with_remainder and rule.verified
+                  and all(arg in summed or arg.meta["lmd_kind"] != "mixed" for arg in node.all_input_nodes))
+        residuals[node.name] = graph.call_function(residual, (check, frozen, stack, trunk[node], closed))
 
     if output_node is None:
         raise LMDError("The traced graph has no output node.")
@@ -265,7 +270,7 @@ def rewrite(gm: fx.GraphModule, modality_names: Sequence[str], record: dict[str,
         "output": output,
         "components": [as_components(leaf) for leaf in leaves],
         "layers": layers,
-        "operating_point": constants,
+        "operating_point": constants if keep_constants else None,
         "residuals": residuals,
     }
     graph.output(result)

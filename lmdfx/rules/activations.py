@@ -7,6 +7,7 @@ Optional bias splitting (appendix C) moves the bias component into modalities fi
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -51,6 +52,7 @@ class ElementwiseRule(Rule):
     """Shared machinery: slope and remainder from the operating point, optional bias split."""
 
     has_operating_point = True
+    closes_with_remainder = True
     # Where the slope is 0, give 0 even for an infinite input (an additive -inf mask before a
     # softmax): 0 * inf would be NaN. Costs one more element-wise op, so only where needed.
     guard_infinite = False
@@ -90,18 +92,30 @@ class SecantRule(ElementwiseRule):
 
     def __init__(self, call: OpCall, options: Any):
         super().__init__(call, options)
-        # f(0) once, as a 0-d tensor, for an element-wise op whose other arguments are numbers
-        # (then it is the same for every element); else per element (a per-channel PReLU
-        # weight, clamp bounds, a softmax's 1/n).
+        # f(0) is one number for an element-wise op whose other arguments are numbers: found
+        # here, in float64 (any f(0) keeps the components exact: the remainder absorbs it).
+        # Otherwise it is per element and per call (a per-channel PReLU weight, clamp bounds,
+        # a softmax's 1/n).
         others = [leaf for leaf, flag in zip(pytree.tree_leaves((call.args, call.kwargs)), call.decomposed) if not flag]
-        self.zero_is_scalar = call.op in ACTIVATIONS and not any(isinstance(o, (NodeRef, torch.Tensor)) for o in others)
+        self.scalar_zero: float | None = None
+        if call.op in ACTIVATIONS and not any(isinstance(o, (NodeRef, torch.Tensor)) for o in others):
+            f, _ = self.as_function(call.args, call.kwargs, [call.decomposed.index(True)])
+            at_zero = float(f(torch.zeros((), dtype=torch.float64)))
+            self.scalar_zero = at_zero if math.isfinite(at_zero) else 0.0
 
     def slope(self, reference, out, args, kwargs):
-        f, _ = self.as_function(args, kwargs, [self.call.decomposed.index(True)])
-        at_zero = f(reference.new_zeros(()) if self.zero_is_scalar else torch.zeros_like(reference))
-        rise = out - torch.where(torch.isfinite(at_zero), at_zero, 0.0)
-        large = reference.abs() > self.options.eps
-        return torch.where(large, rise / torch.where(large, reference, 1.0), 0.0)
+        if self.scalar_zero is not None:
+            rise = out - self.scalar_zero if self.scalar_zero != 0.0 else out
+        else:
+            f, _ = self.as_function(args, kwargs, [self.call.decomposed.index(True)])
+            at_zero = f(torch.zeros_like(reference))
+            rise = out - torch.where(torch.isfinite(at_zero), at_zero, 0.0)
+        # rise / A where |A| > eps, else 0 (also where rise / A is 0/0 or ±inf); a float 0/1
+        # mask instead of torch.where: element-wise ops producing bool tensors are several
+        # times slower on CPU. A NaN slope where |A| > eps becomes 0, and its NaN output goes
+        # to the bias component through the remainder, where the check sees it.
+        large = reference.abs().gt_(self.options.eps)
+        return rise.div(reference).mul_(large).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
 
 
 @register("softmax", "secant")

@@ -164,6 +164,11 @@ class Rule(nn.Module):
     tangent = False
     separates = True
     moves_values = False
+    # ``closes_with_remainder``: the bias component takes the remainder value − Σ(the other
+    # terms), computed from the reference input, so where that input's value is the sum of its
+    # components the node's components sum to its value up to rounding by construction (the
+    # check then measures their cancellation, as for a summed node; verified rules only).
+    closes_with_remainder = False
     # ``constant_output``: the whole output is an operating-point constant (frozen softmax
     # weights): the node is treated as frozen, so nothing downstream sees components of it.
     constant_output = False
