@@ -175,3 +175,43 @@ def test_random_fusion_nets_unchanged(in_channels, fusion, program, encoders, se
     compare(reference, result, EXACT_TOL)
     summed = lmdfx.compile(net, modalities, rules=rules, exact_output=False, record="all")(*inputs)
     compare(reference, summed, SUMMED_TOL)
+
+
+class Checked(nn.Module):
+    """conv → BatchNorm → ReLU after the fusion, with the shape assertion timm's BatchNormAct2d
+    makes on the conv's output (x.ndim)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(6)
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, cam, radar):
+        x = self.conv(torch.cat([cam, radar], 1))
+        torch._assert(x.ndim == 4, "expected a 4-d feature map")
+        return self.head(F.relu(self.bn(x) * x.shape[1] / x.size(1)))
+
+
+@pytest.mark.parametrize("record", [None, "conv"])
+def test_summed_values_nothing_forms_are_neither_summed_nor_checked_unless_recorded(record):
+    from lmdfx.passes.rewrite import component_sum
+
+    torch.manual_seed(0)
+    model = Checked().double().eval()
+    model.bn.running_mean.normal_()
+    model.bn.running_var.uniform_(0.5, 2.0)
+    cam, radar = torch.randn(1, 2, 8, 8, dtype=torch.float64), torch.randn(1, 2, 8, 8, dtype=torch.float64)
+    dec = lmdfx.compile(model, {"camera": "cam", "radar": "radar"}, record=record)
+    res = dec(cam, radar)
+    exact = lmdfx.compile(model, {"camera": "cam", "radar": "radar"}, exact_output=True, record=record)(cam, radar)
+    torch.testing.assert_close(res.components, exact.components, rtol=0, atol=1e-12)
+    torch.testing.assert_close(res.output, model(cam, radar), rtol=0, atol=1e-12)
+    # x.ndim, x.shape and x.size() are read off the conv's stack: its value is never summed
+    summed = [n.args[0].meta.get("lmd_branch_of") for n in dec.module.summed.graph.nodes if n.target is component_sum]
+    assert "conv2d" not in summed
+    conv = next(r for r in dec.report().rows if r.layer == "conv")
+    # no value formed there, so no check of its own unless its components are shown
+    assert (conv.spread is not None) == (record == "conv")
+    if record:
+        torch.testing.assert_close(res.layers["conv"], exact.layers["conv"], rtol=0, atol=1e-12)

@@ -21,6 +21,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from ..errors import LMDError
+from ..ops import METADATA_ATTRS
 from ..rules.base import BIAS, lift
 
 RULES_ATTR = "lmd_rules"
@@ -136,6 +137,24 @@ def component_sum(stack: Any) -> Any:
     return pytree.tree_map(lambda t: t.sum(0) if isinstance(t, torch.Tensor) else t, stack)
 
 
+def reads_metadata(node: fx.Node) -> bool:
+    """``getattr(x, "ndim" / "shape" / ...)``, ``x.size(...)`` or ``x.dim()``: what is read of ``x``
+    is its description, not its values."""
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) == 2 and node.args[1] in METADATA_ATTRS
+    return node.op == "call_method" and node.target in ("size", "dim") and not node.kwargs
+
+
+def stack_metadata(stack: torch.Tensor, what: str, *args: Any) -> Any:
+    """``what`` (an attribute, or the method ``size`` / ``dim`` with ``args``) of the value that
+    ``stack`` decomposes: its shape is the stack's without the component axis."""
+    if what in ("shape", "size"):
+        return stack.shape[1:] if not args else stack.shape[1:][args[0]]
+    if what in ("ndim", "dim"):
+        return stack.dim() - 1
+    return getattr(stack, what)
+
+
 def read_components(gm: fx.GraphModule, record: dict[str, fx.Node]) -> set[fx.Node]:
     """The mixed nodes whose components something reads: an output, a recorded layer, or a
     mixed node that reads them. Scores that only feed frozen softmax weights are not among
@@ -222,7 +241,13 @@ def rewrite(gm: fx.GraphModule, modality_names: Sequence[str], record: dict[str,
         by_sum = (trunk_mode == "sum" and node in branched
                   and node.meta["lmd_rule"].summable and node.meta["lmd_rule"].verified)
         if not by_sum:
-            trunk[node] = graph.node_copy(node, reference)
+            source = node.args[0] if node.args else None
+            if source in summed and source not in trunk and reads_metadata(node):
+                # x.ndim / x.shape / x.size() of a summed value: read off its stack, not summed for it
+                what = node.args[1:] if node.target is getattr else (node.target, *node.args[1:])
+                trunk[node] = graph.call_function(stack_metadata, (summed[source], *what))
+            else:
+                trunk[node] = graph.node_copy(node, reference)
         if node not in branched:
             continue
         rule = node.meta["lmd_rule"]
@@ -263,9 +288,15 @@ def rewrite(gm: fx.GraphModule, modality_names: Sequence[str], record: dict[str,
     leaves, spec = pytree.tree_flatten(output_node.args[0])
     layers = {name: as_components(node) for name, node in record.items()}
     output = fx.node.map_arg(output_node.args[0], reference)
-    for node, stack in unchecked.items():  # nothing needed their sum: the check makes its own
-        with graph.inserting_after(stack):
-            residuals[node.name] = graph.call_function(residual, (check, frozen, stack, None, True))
+    recorded = set(record.values())
+    for node, stack in unchecked.items():
+        # Nothing forms this node's value (its components only feed other linear layers): no
+        # sum is rounded here, so there is nothing to check unless its components are shown
+        # (recorded); the layers that read them are checked.
+        residuals.pop(node.name)
+        if node in recorded:
+            with graph.inserting_after(stack):
+                residuals[node.name] = graph.call_function(residual, (check, frozen, stack, None, True))
     result = {
         "output": output,
         "components": [as_components(leaf) for leaf in leaves],
