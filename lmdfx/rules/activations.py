@@ -67,7 +67,9 @@ class ElementwiseRule(Rule):
     def operating_point(self, out, args, kwargs, stacked_args, stacked_kwargs):
         reference = first_decomposed(args, kwargs, self.call.decomposed)
         slope = self.slope(reference, out, args, kwargs)
-        constants = {"slope": slope, "remainder": out - self.scaled(slope, reference)}
+        remainder = (out - self.scaled(slope, reference) if self.guard_infinite
+                     else torch.addcmul(out, slope, reference, value=-1))  # one pass for out − slope·A
+        constants = {"slope": slope, "remainder": remainder}
         split = self.options.bias_split
         if split != "none":
             constants["shares"] = bias_shares(first_decomposed(stacked_args, stacked_kwargs, self.call.decomposed), split)
