@@ -121,6 +121,11 @@ class PerSampleNormRule(Rule):
         if self.call.op == "rms_norm":
             mean = torch.zeros_like(x.mean(axes, keepdim=True))
             sigma = torch.sqrt(x.pow(2).mean(axes, keepdim=True) + self._eps(p, x))
+        elif self.call.op == "layer_norm":
+            # The op's own statistics kernel: several times faster than var_mean on CPU, above
+            # all over the channels of a permuted (channels-last) view as in LayerNorm2d.
+            _, mean, rstd = torch.native_layer_norm(x, [x.shape[a] for a in axes], None, None, self._eps(p, x))
+            mean, sigma = mean.to(x.dtype), rstd.reciprocal().to(x.dtype)  # low precision: float32 statistics
         else:
             variance, mean = torch.var_mean(x, axes, unbiased=False, keepdim=True)  # one pass over x
             sigma = torch.sqrt(variance + self._eps(p, x))
