@@ -111,3 +111,21 @@ def test_gpu_script_runs_on_cpu_quick(tmp_path):
     assert json.loads((tmp_path / "overhead_tiny.json").read_text())["ratio_default"] > 0
     assert (tmp_path / "scaling.json").exists()
     assert json.loads((tmp_path / "zoo_tiny.json").read_text())["failed"] == []
+
+
+def test_rule_costs_split_a_call_into_rules_and_steps(tmp_path):
+    """benchmarks.rule_costs: the timed parts are the rules and steps the call runs, and they
+    account for no more than the timed call itself."""
+    pytest.importorskip("transformers")
+    from benchmarks import rule_costs
+
+    path = tmp_path / "costs.json"
+    rule_costs.main(["--size", "tiny", "--repeats", "2", "--json", str(path),
+                     "--models", "transformers-visualbert", "timm-resnet18"])
+    saved = json.loads(path.read_text())
+    (row,) = [r for r in saved["models"] if r["model"] == "transformers-visualbert"]
+    parts = {p["part"]: p for p in row["parts"]}
+    assert {"operating points", "residual checks"} <= set(parts)
+    assert any(name.startswith("rule AffineRule (linear)") for name in parts)
+    assert 0 < sum(p["s"] for p in row["parts"]) <= row["timed_call_s"]
+    assert len(saved["models"]) + len(saved["skipped"]) == 2
