@@ -173,9 +173,11 @@ def rewrite(gm: fx.GraphModule, modality_names: Sequence[str], record: dict[str,
     """``trunk_mode="exact"``: the trunk is the original graph. ``"sum"``: the trunk value of a
     mixed node whose rule is ``summable`` and ``verified`` (linear, affine, additive: covered by
     the registry-driven tests) is the sum of its components, so those layers run once per
-    component and not once more for the trunk; outputs then equal the model's to rounding, and
-    the equality check runs on the other nodes, against the op applied to the summed inputs.
-    Frozen-point calls need the exact trunk. ``keep_constants=False``: ``operating_point`` is
+    component and not once more for the trunk; outputs then equal the model's to rounding. Such a
+    node, and a ``closes_with_remainder`` rule's node on summed inputs, is checked for cancellation
+    only (``derived``), and only where its value is formed or its components recorded; the other
+    nodes are compared with the op applied to the summed inputs. Frozen-point calls need the
+    exact trunk. ``keep_constants=False``: ``operating_point`` is
     None, so each constant is freed after its last use instead of living until the call returns."""
     k = len(modality_names) + 1
     graph = fx.Graph()
