@@ -115,15 +115,14 @@ def compile(
     if separation:
         warnings.warn(separation, stacklevel=2)
 
-    def build(trunk_mode: str, keep_constants: bool = True) -> fx.GraphModule:
-        decomposed, _ = rewrite(gm, list(modalities), recorded, trunk_mode, keep_constants)
-        return optimize_graph(decomposed, structural=optimize)
+    def build(trunk_mode: str = "exact", keep_constants: bool = True) -> tuple[fx.GraphModule, Any]:
+        decomposed, layout = rewrite(gm, list(modalities), recorded, trunk_mode, keep_constants)
+        return optimize_graph(decomposed, structural=optimize), layout
 
-    exact, layout = rewrite(gm, list(modalities), recorded)
-    optimize_graph(exact, structural=optimize)
-    decomposed = exact if exact_output else TrunkDispatch(build("sum"), exact)
+    exact, layout = build()
+    decomposed = exact if exact_output else TrunkDispatch(build("sum")[0], exact)
     # Reference calls that return no operating point run a graph that does not collect one.
-    lean = None if keep_operating_point else build("exact" if exact_output else "sum", keep_constants=False)
+    lean = None if keep_operating_point else build("exact" if exact_output else "sum", keep_constants=False)[0]
     return Decomposer(model, decomposed, layout, modalities, report, backend=backend, check=check,
                       specialised=capture.examples, exact_output=exact_output, lean=lean)
 
