@@ -8,7 +8,8 @@ float64 for
   ``torch.func.jvp`` of the op in that modality's direction;
 - separation, where the rule declares ``separates``: at a frozen operating point the camera
   component does not move when the radar input is replaced;
-- bit-exact sums, where the rule declares ``moves_values``.
+- bit-exact sums, where the rule declares ``moves_values``;
+- sums within the rounding their size allows, where the rule declares ``closes_with_remainder``.
 
 A rule registered without an example fails ``test_every_registered_op_has_an_example``.
 """
@@ -117,6 +118,14 @@ def test_rule(op: str, example: Example, rules: lmdfx.Rules):
         exact = lmdfx.compile(model, MODALITIES, rules=rules, exact_output=True)(cam, radar)
         for value, stack in zip(outputs, floating(exact.components)):
             assert torch.equal(stack.sum(0), value)
+    if rule.closes_with_remainder and only_op:
+        # What a "built" node's check relies on: compared with the model's value, the components
+        # miss it by no more than the rounding their size allows (eps · (Σ_k max|c_k| + max|value|)).
+        exact = lmdfx.compile(model, MODALITIES, rules=rules, exact_output=True)
+        exact(cam, radar)
+        for row in exact.report().rows:
+            if row.rule == rule.name and row.op == op and row.residual is not None:
+                assert row.residual <= 16 * row.eps * (row.spread + row.scale), row
     if rule.tangent and rules.bias_split == "none" and only_op and outputs[0].dtype == torch.float64:
         # The operands' camera components are the camera input: the op's tangent map J·camera, with J
         # by reverse mode (an oracle independent of the rules' forward-mode jvp).
