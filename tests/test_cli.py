@@ -78,9 +78,6 @@ def test_inspect_builtin_and_factory(tmp_path, monkeypatch, capsys):
     assert main(["inspect", "simplebev-tiny"]) == 0
     out = capsys.readouterr().out
     assert "fusion nodes" in out and "bev_compressor" in out
-    assert main(["inspect", "simplebev-tiny", "--run"]) == 0
-    out = capsys.readouterr().out  # every mixed node compared with the model, none only "built"
-    assert "largest residual relative" in out and "  built" not in out
     (tmp_path / "my_models.py").write_text(
         "import torch\n"
         "from torch import nn\n"

@@ -349,8 +349,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     _check_model(args.model, "MODEL")
     model, modalities, _ = build_model(args.model)
     with _model_errors(args.model, "being compiled"):
-        # exact_output=True: with --run every mixed node's residual is measured against the model
-        dec = lmdfx.compile(model, modalities, exact_output=True)
+        dec = lmdfx.compile(model, modalities)
     if args.run:
         if not callable(getattr(model, "example_inputs", None)):
             raise LMDError(f"{args.model} has no example_inputs(); drop --run.")
