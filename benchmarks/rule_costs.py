@@ -26,7 +26,7 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 
 from lmdfx.rules.base import Rule
 
-from .common import Table, apply_threads, base_parser, emit
+from .common import Table, apply_threads, base_parser, emit, interleaved_medians
 from .zoo_models import SIZES, cases, missing
 
 REWRITE = importlib.import_module("lmdfx.passes.rewrite")  # the module, not the function it exports
@@ -77,16 +77,6 @@ def steps_timed(timer: Timer) -> Iterator[None]:
             setattr(REWRITE, name, fn)
 
 
-def median_cpu(fn: Callable[[], Any], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.process_time()
-        fn()
-        times.append(time.process_time() - start)
-    return sorted(times)[len(times) // 2]
-
-
 def measure(name: str, size: str, repeats: int, check: str) -> dict[str, Any]:
     """One model: forward, untimed call and the parts of the timed call (CPU seconds per call)."""
     case = cases(SIZES[size])[name]()
@@ -96,9 +86,10 @@ def measure(name: str, size: str, repeats: int, check: str) -> dict[str, Any]:
     with steps_timed(timer):
         timed = case.compile(model, inputs, check=check)
     plain = case.compile(model, inputs, check=check)
+    cpu: dict[str, float] = {}
+    interleaved_medians({"forward": lambda: model(**inputs), "call": lambda: plain(**inputs)},
+                        torch.device("cpu"), repeats, cpu_times=cpu)
     with torch.no_grad():
-        forward = median_cpu(lambda: model(**inputs), repeats)
-        call = median_cpu(lambda: plain(**inputs), repeats)
         timed(**inputs)  # warm-up, not counted
         hooks = [register_module_forward_pre_hook(timer.before), register_module_forward_hook(timer.after)]
         timer.spent.clear()
@@ -113,7 +104,8 @@ def measure(name: str, size: str, repeats: int, check: str) -> dict[str, Any]:
                 hook.remove()
     parts = [{"part": part, "nodes": timer.calls[part] // repeats, "s": spent / repeats}
              for part, spent in timer.spent.most_common()]
-    return {"model": name, "forward_s": forward, "call_s": call, "timed_call_s": timed_call, "parts": parts}
+    return {"model": name, "forward_s": cpu["forward"], "call_s": cpu["call"], "timed_call_s": timed_call,
+            "parts": parts}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -141,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         lines += [[p["part"], p["nodes"], p["s"] * 1e3, p["s"] / forward] for p in row["parts"]]
         tables.append(Table([f"{name}: part", "nodes", "ms per call", "× forward"], lines))
     notes = [f"size {args.size}, check={args.check!r}, {torch.get_num_threads()} torch thread(s), CPU time; "
-             f"forward and call: medians of {args.repeats}, parts: means over {args.repeats} timed calls"]
+             f"forward and call: medians of {args.repeats} interleaved rounds, parts: means over {args.repeats} timed calls"]
     notes += [f"skipped {s['model']}: {s['reason']}" for s in result["skipped"]]
     emit("Decomposition cost by rule and step", tables, result, args.json, notes)
     return result

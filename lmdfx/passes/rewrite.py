@@ -246,7 +246,8 @@ def rewrite(gm: fx.GraphModule, modality_names: Sequence[str], record: dict[str,
             source = node.args[0] if node.args else None
             if source in summed and source not in trunk and reads_metadata(node):
                 # x.ndim / x.shape / x.size() of a summed value: read off its stack, not summed for it
-                what = node.args[1:] if node.target is getattr else (node.target, *node.args[1:])
+                rest = fx.node.map_arg(node.args[1:], reference)  # x.size(d) with d computed in the graph
+                what = rest if node.target is getattr else (node.target, *rest)
                 trunk[node] = graph.call_function(stack_metadata, (summed[source], *what))
             else:
                 trunk[node] = graph.node_copy(node, reference)
